@@ -1,0 +1,1 @@
+"""gRPC servicers: proto <-> service calls, nothing else."""

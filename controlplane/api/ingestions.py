@@ -1,0 +1,86 @@
+"""IngestionService servicer."""
+
+from __future__ import annotations
+
+import grpc
+
+from autoloader.v1 import ingestion_pb2 as pb
+from autoloader.v1 import ingestion_pb2_grpc
+from controlplane.api.context import request_key, tenant_of
+from controlplane.api.convert import ingestion_to_proto, spec_from_proto
+from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.names import parse_ingestion_name
+from controlplane.service.ingestions import IngestionService
+
+
+class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
+    """RefreshIngestion and PreviewIngestion answer UNIMPLEMENTED until runs and agents exist."""
+
+    def __init__(self, service: IngestionService) -> None:
+        self._service = service
+
+    def CreateIngestion(
+        self, request: pb.CreateIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.CreateIngestionResponse:
+        if not request.HasField("ingestion"):
+            raise InvalidArgument.field("ingestion", "is required")
+        ingestion = self._service.create(
+            tenant_of(context),
+            spec_from_proto(request.ingestion),
+            ingestion_id=request.ingestion_id,
+            key=request_key(request, request.request_id),
+        )
+        return pb.CreateIngestionResponse(ingestion=ingestion_to_proto(ingestion))
+
+    def GetIngestion(self, request: pb.GetIngestionRequest, context: grpc.ServicerContext) -> pb.GetIngestionResponse:
+        ingestion = self._service.get(tenant_of(context), parse_ingestion_name(request.name))
+        return pb.GetIngestionResponse(ingestion=ingestion_to_proto(ingestion))
+
+    def ListIngestions(
+        self, request: pb.ListIngestionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListIngestionsResponse:
+        items, token = self._service.list(tenant_of(context), request.page_size, request.page_token, request.filter)
+        return pb.ListIngestionsResponse(ingestions=[ingestion_to_proto(i) for i in items], next_page_token=token)
+
+    def UpdateIngestion(
+        self, request: pb.UpdateIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateIngestionResponse:
+        if not request.HasField("ingestion"):
+            raise InvalidArgument.field("ingestion", "is required")
+        ingestion = self._service.update(
+            tenant_of(context),
+            parse_ingestion_name(request.ingestion.name, "ingestion.name"),
+            spec_from_proto(request.ingestion),
+            list(request.update_mask.paths),
+            etag=request.ingestion.etag,
+            key=request_key(request, request.request_id),
+        )
+        return pb.UpdateIngestionResponse(ingestion=ingestion_to_proto(ingestion))
+
+    def DeleteIngestion(
+        self, request: pb.DeleteIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteIngestionResponse:
+        self._service.delete(
+            tenant_of(context),
+            parse_ingestion_name(request.name),
+            etag=request.etag,
+            drop_table=request.drop_table,
+            key=request_key(request, request.request_id),
+        )
+        return pb.DeleteIngestionResponse()
+
+    def PauseIngestion(
+        self, request: pb.PauseIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.PauseIngestionResponse:
+        ingestion = self._service.pause(
+            tenant_of(context), parse_ingestion_name(request.name), request_key(request, request.request_id)
+        )
+        return pb.PauseIngestionResponse(ingestion=ingestion_to_proto(ingestion))
+
+    def ResumeIngestion(
+        self, request: pb.ResumeIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.ResumeIngestionResponse:
+        ingestion = self._service.resume(
+            tenant_of(context), parse_ingestion_name(request.name), request_key(request, request.request_id)
+        )
+        return pb.ResumeIngestionResponse(ingestion=ingestion_to_proto(ingestion))

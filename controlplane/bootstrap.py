@@ -1,0 +1,165 @@
+"""The one place that wires settings, database, services and the gRPC server.
+
+Nothing connects to anything at import time; `start()` does it all and
+returns a handle whose `stop()` undoes it in reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from autoloader.v1 import file_pb2, ingestion_pb2, ingestion_pb2_grpc, lease_pb2, run_pb2
+from controlplane.adapters import migrations
+from controlplane.adapters.database import make_engine, make_session_factory
+from controlplane.adapters.embedded_postgres import EmbeddedPostgres
+from controlplane.adapters.unit_of_work import SqlAlchemyUnitOfWork
+from controlplane.api.errors import ErrorInterceptor
+from controlplane.api.health import HealthMonitor
+from controlplane.api.ingestions import IngestionServicer
+from controlplane.config import ControlPlaneSettings
+from controlplane.domain.errors import DatabaseUnavailable
+from controlplane.service.ingestions import IngestionService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    ingestion_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name,
+    run_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+    file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+)
+# Keepalive settings that let agents' long-polls and streams survive idle NATs.
+_SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+]
+
+
+class StartupError(Exception):
+    """The control plane could not start; the message says why, for a person."""
+
+
+@dataclass
+class ControlPlane:
+    server: grpc.Server
+    port: int
+    engine: Engine
+    health: HealthMonitor
+    embedded: EmbeddedPostgres | None
+    settings: ControlPlaneSettings
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen_address.rpartition(":")[0] or "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (health NOT_SERVING), let in-flight calls finish, then release everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("draining", extra={"action": "server.drain"})
+        self.health.drain()
+        self.server.stop(self.settings.shutdown_grace if grace is None else grace).wait()
+        self.engine.dispose()
+        if self.embedded is not None:
+            self.embedded.stop()
+        log.info("stopped", extra={"action": "server.stop"})
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def _database_url(settings: ControlPlaneSettings) -> tuple[str, EmbeddedPostgres | None]:
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value(), None
+    embedded = EmbeddedPostgres(settings.state_dir)
+    try:
+        return embedded.start(), embedded
+    except Exception as exc:
+        raise StartupError(f"could not start the embedded PostgreSQL in {embedded.pgdata}: {exc}") from exc
+
+
+def _migrate(engine: Engine) -> None:
+    try:
+        migrations.upgrade(engine)
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise StartupError(f"cannot reach the database: {reason}") from exc
+    except Exception as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise StartupError(message) from exc
+
+
+def start(settings: ControlPlaneSettings) -> ControlPlane:
+    url, embedded = _database_url(settings)
+    engine = make_engine(url, pool_size=settings.db_pool_size)
+    try:
+        _migrate(engine)
+        session_factory = make_session_factory(engine)
+
+        def probe() -> None:
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            except OperationalError as exc:
+                raise DatabaseUnavailable() from exc
+
+        health = HealthMonitor(probe, SERVICE_NAMES, settings.health_interval)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
+            interceptors=[ErrorInterceptor()],
+            options=_SERVER_OPTIONS,
+        )
+        ingestions = IngestionService(lambda: SqlAlchemyUnitOfWork(session_factory))
+        ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(settings.listen_address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {settings.listen_address}: {exc}") from exc
+        if port == 0:
+            raise StartupError(f"cannot listen on {settings.listen_address} (in use, or not a local address?)")
+        server.start()
+        health.start()
+    except BaseException:
+        engine.dispose()
+        if embedded is not None:
+            embedded.stop()
+        raise
+    plane = ControlPlane(server, port, engine, health, embedded, settings)
+    log.info("serving", extra={"action": "server.start", "address": plane.address})
+    return plane
+
+
+def serve(settings: ControlPlaneSettings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    plane = start(settings)
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s", signal.Signals(signum).name, extra={"action": "server.signal"})
+        done.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        done.wait()
+    finally:
+        plane.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,29 @@
+"""Control-plane settings, read once in bootstrap (environment prefix AUTOLOADER_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_dir() -> Path:
+    return Path.home() / ".autoloader"
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AUTOLOADER_", extra="ignore")
+
+    # Unset: an embedded PostgreSQL under state_dir.
+    database_url: SecretStr | None = None
+    state_dir: Path = Field(default_factory=default_state_dir)
+    listen_address: str = "127.0.0.1:50051"
+    # Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace: float = 10.0
+    # Seconds between database health probes.
+    health_interval: float = 2.0
+    db_pool_size: int = 10
+    grpc_workers: int = 32
+    log_format: str = "text"
+    log_level: str = "INFO"

@@ -1,0 +1,1 @@
+"""Entities, state machines and errors. Imports neither SQLAlchemy nor grpc."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of the control-plane schema (env.py uses the ORM metadata)."""
