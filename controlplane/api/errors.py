@@ -31,6 +31,7 @@ _CODES: tuple[tuple[type[errors.AutoloaderError], int], ...] = (
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
 )
@@ -71,14 +72,15 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the control-plane log")
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Maps exceptions raised by servicers to statuses, for unary and streaming replies."""
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Any:
+        # grpc's handlers are namedtuples; _replace swaps in the wrapped behaviour.
         handler = continuation(handler_call_details)
         if handler is None:
             return None

@@ -8,14 +8,12 @@ from autoloader.v1 import ingestion_pb2 as pb
 from autoloader.v1 import ingestion_pb2_grpc
 from controlplane.api.context import request_key, tenant_of
 from controlplane.api.convert import ingestion_to_proto, spec_from_proto
-from controlplane.domain.errors import InvalidArgument
+from controlplane.domain.errors import InvalidArgument, Unimplemented
 from controlplane.domain.names import parse_ingestion_name
 from controlplane.service.ingestions import IngestionService
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    """RefreshIngestion and PreviewIngestion answer UNIMPLEMENTED until runs and agents exist."""
-
     def __init__(self, service: IngestionService) -> None:
         self._service = service
 
@@ -84,3 +82,13 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             tenant_of(context), parse_ingestion_name(request.name), request_key(request, request.request_id)
         )
         return pb.ResumeIngestionResponse(ingestion=ingestion_to_proto(ingestion))
+
+    def RefreshIngestion(
+        self, request: pb.RefreshIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.RefreshIngestionResponse:
+        raise Unimplemented("RefreshIngestion needs runs and file discovery, which this version does not have yet")
+
+    def PreviewIngestion(
+        self, request: pb.PreviewIngestionRequest, context: grpc.ServicerContext
+    ) -> pb.PreviewIngestionResponse:
+        raise Unimplemented("PreviewIngestion needs a Spark agent, which this version does not have yet")

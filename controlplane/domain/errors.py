@@ -94,6 +94,12 @@ class DatabaseUnavailable(Unavailable):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class Unimplemented(AutoloaderError):
+    """This operation is not available in this version."""
+
+    reason = "UNIMPLEMENTED"
+
+
 class Unauthenticated(AutoloaderError):
     """Missing or invalid credentials."""
 

@@ -88,7 +88,7 @@ class IngestionService:
         page = page_request(page_size, page_token, query)
         with self._uow_factory() as uow:
             # One extra row tells whether another page exists.
-            rows = uow.ingestions.list(tenant, states=states, after=page.after, limit=page.size + 1)
+            rows = uow.ingestions.list_after(tenant, states=states, after=page.after, limit=page.size + 1)
             items = uow.ingestions.with_file_counts(rows[: page.size])
         token = next_page_token(items[-1].ingestion_id, query) if len(rows) > page.size else ""
         return items, token

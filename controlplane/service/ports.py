@@ -26,7 +26,7 @@ class IngestionRepository(Protocol):
 
     def get(self, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion | None: ...
 
-    def list(
+    def list_after(
         self, tenant: str, *, states: Collection[IngestionState], after: str | None, limit: int
     ) -> Sequence[Ingestion]: ...
 
@@ -49,8 +49,12 @@ class IdempotencyRepository(Protocol):
 
 
 class UnitOfWork(Protocol):
-    ingestions: IngestionRepository
-    idempotency: IdempotencyRepository
+    # Read-only properties, so implementations may hold concrete repository types.
+    @property
+    def ingestions(self) -> IngestionRepository: ...
+
+    @property
+    def idempotency(self) -> IdempotencyRepository: ...
 
     def __enter__(self) -> Self: ...
 

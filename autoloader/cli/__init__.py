@@ -1,0 +1,1 @@
+"""The `autoloader` command line."""
