@@ -45,6 +45,9 @@ _SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # grpc enables SO_REUSEPORT by default: a second control plane on the same
+    # port would silently share its traffic instead of failing to start.
+    ("grpc.so_reuseport", 0),
 ]
 
 

@@ -122,6 +122,19 @@ def uow_factory(session_factory: sessionmaker[Session]) -> Callable[[], SqlAlche
 
 
 @pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A state directory for an embedded PostgreSQL.
+
+    Not pytest's tmp_path: as root the embedded server runs as its own user and
+    needs to traverse every parent, and pytest keeps its base directory 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix="al-state-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def control_plane(database_url: str, tmp_path: Path) -> Iterator[bootstrap.ControlPlane]:
     """A real control plane on a free loopback port, on this test's database."""
     settings = ControlPlaneSettings(
