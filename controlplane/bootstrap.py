@@ -30,6 +30,7 @@ from controlplane.api.ingestions import IngestionServicer
 from controlplane.config import ControlPlaneSettings
 from controlplane.domain.errors import DatabaseUnavailable
 from controlplane.service.ingestions import IngestionService
+from controlplane.service.maintenance import MaintenanceLoop, MaintenanceService
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class ControlPlane:
     port: int
     engine: Engine
     health: HealthMonitor
+    maintenance: MaintenanceLoop
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -78,6 +80,7 @@ class ControlPlane:
         log.info("draining", extra={"action": "server.drain"})
         self.health.drain()
         self.server.stop(self.settings.shutdown_grace if grace is None else grace).wait()
+        self.maintenance.stop()
         self.engine.dispose()
         if self.embedded is not None:
             self.embedded.stop()
@@ -128,7 +131,14 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
             interceptors=[ErrorInterceptor()],
             options=_SERVER_OPTIONS,
         )
-        ingestions = IngestionService(lambda: SqlAlchemyUnitOfWork(session_factory))
+
+        def uow_factory() -> SqlAlchemyUnitOfWork:
+            return SqlAlchemyUnitOfWork(session_factory)
+
+        ingestions = IngestionService(uow_factory)
+        maintenance = MaintenanceLoop(
+            MaintenanceService(uow_factory, settings.idempotency_retention), settings.maintenance_interval
+        )
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
@@ -140,12 +150,13 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
             raise StartupError(f"cannot listen on {settings.listen_address} (in use, or not a local address?)")
         server.start()
         health.start()
+        maintenance.start()
     except BaseException:
         engine.dispose()
         if embedded is not None:
             embedded.stop()
         raise
-    plane = ControlPlane(server, port, engine, health, embedded, settings)
+    plane = ControlPlane(server, port, engine, health, maintenance, embedded, settings)
     log.info("serving", extra={"action": "server.start", "address": plane.address})
     return plane
 

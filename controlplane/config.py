@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -25,5 +26,9 @@ class ControlPlaneSettings(BaseSettings):
     health_interval: float = 2.0
     db_pool_size: int = 10
     grpc_workers: int = 32
+    # How long a request id is remembered: a retry later than this is a new request.
+    idempotency_retention: timedelta = timedelta(days=7)
+    # Seconds between housekeeping rounds (purging expired request ids).
+    maintenance_interval: float = 3600.0
     log_format: str = "text"
     log_level: str = "INFO"

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -152,3 +153,16 @@ class SqlIdempotencyRepository:
         row = self._session.get_one(IdempotencyRow, (tenant, request_id))
         row.response = response
         self._session.flush()
+
+    def purge(self, older_than: timedelta, limit: int) -> int:
+        # Bounded batches keep each delete short; the caller loops.
+        expired = (
+            select(IdempotencyRow.tenant, IdempotencyRow.request_id)
+            .where(IdempotencyRow.create_time < func.now() - older_than)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        result = self._session.execute(
+            delete(IdempotencyRow).where(tuple_(IdempotencyRow.tenant, IdempotencyRow.request_id).in_(expired))
+        )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.idempotency import RequestKey
 from controlplane.service.ports import UnitOfWork
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    result: T
+    # True when this call was a retry, answered from the idempotency record.
+    replayed: bool
 
 
 def commit_once(
@@ -20,7 +31,7 @@ def commit_once(
     work: Callable[[], T],
     dump: Callable[[T], dict[str, Any]],
     load: Callable[[dict[str, Any]], T],
-) -> T:
+) -> Outcome[T]:
     """Does `work` and commits, recording its answer under the request id in the same
     transaction; a repeat of the request returns the recorded answer and does nothing."""
     if key is not None:
@@ -30,9 +41,10 @@ def commit_once(
                 raise InvalidArgument.field(
                     "request_id", f"{key.request_id!r} was already used for a different request"
                 )
-            return load(earlier.response)
+            log.info("replayed %s", method, extra={"action": "request.replay", "request_id": key.request_id})
+            return Outcome(load(earlier.response), replayed=True)
     result = work()
     if key is not None:
         uow.idempotency.complete(tenant, key.request_id, dump(result))
     uow.commit()
-    return result
+    return Outcome(result, replayed=False)

@@ -73,9 +73,10 @@ class IngestionService:
             return ingestion
 
         with self._uow_factory() as uow:
-            created = commit_once(uow, tenant, "CreateIngestion", key, work, _dump, _load)
-        log.info("ingestion created", extra={"action": "ingestion.create", "ingestion": created.name})
-        return created
+            outcome = commit_once(uow, tenant, "CreateIngestion", key, work, _dump, _load)
+        if not outcome.replayed:
+            log.info("ingestion created", extra={"action": "ingestion.create", "ingestion": outcome.result.name})
+        return outcome.result
 
     def get(self, tenant: str, ingestion_id: str) -> Ingestion:
         with self._uow_factory() as uow:
@@ -119,12 +120,13 @@ class IngestionService:
             return uow.ingestions.with_file_counts([uow.ingestions.save(ingestion)])[0]
 
         with self._uow_factory() as uow:
-            updated = commit_once(uow, tenant, "UpdateIngestion", key, work, _dump, _load)
-        log.info(
-            "ingestion updated",
-            extra={"action": "ingestion.update", "ingestion": updated.name, "paths": ",".join(paths)},
-        )
-        return updated
+            outcome = commit_once(uow, tenant, "UpdateIngestion", key, work, _dump, _load)
+        if not outcome.replayed:
+            log.info(
+                "ingestion updated",
+                extra={"action": "ingestion.update", "ingestion": outcome.result.name, "paths": ",".join(paths)},
+            )
+        return outcome.result
 
     def delete(
         self, tenant: str, ingestion_id: str, etag: str = "", drop_table: bool = False, key: RequestKey | None = None
@@ -142,14 +144,16 @@ class IngestionService:
             uow.ingestions.delete(ingestion)
 
         with self._uow_factory() as uow:
-            commit_once(uow, tenant, "DeleteIngestion", key, work, lambda _: {}, lambda _: None)
-        log.info("ingestion deleted", extra={"action": "ingestion.delete", "ingestion": f"ingestions/{ingestion_id}"})
+            outcome = commit_once(uow, tenant, "DeleteIngestion", key, work, lambda _: {}, lambda _: None)
+        if not outcome.replayed:
+            name = f"ingestions/{ingestion_id}"
+            log.info("ingestion deleted", extra={"action": "ingestion.delete", "ingestion": name})
 
     def pause(self, tenant: str, ingestion_id: str, key: RequestKey | None = None) -> Ingestion:
-        return self._transition(tenant, ingestion_id, key, "PauseIngestion", Ingestion.pause)
+        return self._transition(tenant, ingestion_id, key, "PauseIngestion", "ingestion.pause", Ingestion.pause)
 
     def resume(self, tenant: str, ingestion_id: str, key: RequestKey | None = None) -> Ingestion:
-        return self._transition(tenant, ingestion_id, key, "ResumeIngestion", Ingestion.resume)
+        return self._transition(tenant, ingestion_id, key, "ResumeIngestion", "ingestion.resume", Ingestion.resume)
 
     def _transition(
         self,
@@ -157,6 +161,7 @@ class IngestionService:
         ingestion_id: str,
         key: RequestKey | None,
         method: str,
+        action: str,
         change: Callable[[Ingestion], None],
     ) -> Ingestion:
         def work() -> Ingestion:
@@ -168,9 +173,11 @@ class IngestionService:
             return uow.ingestions.with_file_counts([ingestion])[0]
 
         with self._uow_factory() as uow:
-            result = commit_once(uow, tenant, method, key, work, _dump, _load)
-        log.info("ingestion state", extra={"action": method, "ingestion": result.name, "state": result.state.value})
-        return result
+            outcome = commit_once(uow, tenant, method, key, work, _dump, _load)
+        if not outcome.replayed:
+            result = outcome.result
+            log.info("ingestion %s", result.state.value.lower(), extra={"action": action, "ingestion": result.name})
+        return outcome.result
 
 
 def _require(uow: UnitOfWork, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion:

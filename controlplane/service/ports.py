@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -46,6 +47,10 @@ class IdempotencyRepository(Protocol):
         ...
 
     def complete(self, tenant: str, request_id: str, response: dict[str, Any]) -> None: ...
+
+    def purge(self, older_than: timedelta, limit: int) -> int:
+        """Deletes up to `limit` records older than `older_than`; returns how many."""
+        ...
 
 
 class UnitOfWork(Protocol):
