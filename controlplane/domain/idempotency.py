@@ -22,7 +22,7 @@ class RequestKey:
         """None when the client sent no request id (the call is then not deduplicated)."""
         if not request_id:
             return None
-        if not _REQUEST_ID.match(request_id):
+        if not _REQUEST_ID.fullmatch(request_id):
             raise InvalidArgument.field(
                 "request_id", "must be 1 to 128 characters of letters, digits and . _ : ~ - (a UUID works)"
             )

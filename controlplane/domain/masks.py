@@ -23,8 +23,9 @@ def apply_mask(
 ) -> dict[str, Any]:
     """Returns current with the values at `paths` taken from patch.
 
-    `mutable` lists the paths (and their prefixes) that may change; a path under
-    an immutable or output-only field, or an unknown one, is an InvalidArgument.
+    `mutable` lists every path that may change (messages and their fields); a
+    path under an immutable or output-only field, or an unknown one, is an
+    InvalidArgument.
     """
     mutable_paths = frozenset(mutable)
     immutable_paths = frozenset(immutable)
@@ -35,10 +36,11 @@ def apply_mask(
     for path in paths:
         if _covered(path, immutable_paths):
             violations.append(FieldViolation("update_mask", f"{path!r} cannot be changed after creation"))
-        elif not (_covered(path, mutable_paths) or any(m.startswith(path + ".") for m in mutable_paths)):
-            violations.append(FieldViolation("update_mask", f"unknown or read-only field {path!r}"))
         elif any(m.startswith(path + ".") for m in immutable_paths):
             violations.append(FieldViolation("update_mask", f"{path!r} includes fields that cannot change"))
+        elif path not in mutable_paths:
+            # Exact paths only: "limits.max_attempts.x" or "limits.bogus" name nothing.
+            violations.append(FieldViolation("update_mask", f"unknown or read-only field {path!r}"))
     if violations:
         raise InvalidArgument(violations=violations)
     result = _deep_copy(current)

@@ -11,6 +11,6 @@ def parse_ingestion_name(name: str, field: str = "name") -> str:
     ingestion_id = name.removeprefix("ingestions/")
     if not name:
         raise InvalidArgument.field(field, "is required: ingestions/{ingestion}")
-    if not INGESTION_ID.match(ingestion_id):
+    if not INGESTION_ID.fullmatch(ingestion_id):
         raise InvalidArgument.field(field, f"{name!r} is not an ingestion name: ingestions/{{ingestion}}")
     return ingestion_id

@@ -22,6 +22,8 @@ E = TypeVar("E", bound=StrEnum)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Our tokens are under 200 characters; anything much longer is not one of ours.
+MAX_TOKEN_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,12 @@ def page_request(page_size: int, page_token: str, query_fingerprint: str) -> Pag
     size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     if not page_token:
         return PageRequest(size, None)
+    if len(page_token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument.field("page_token", "is not a token this API returned")
     try:
         payload = json.loads(base64.urlsafe_b64decode(page_token.encode() + b"=" * (-len(page_token) % 4)))
         after, fingerprint = payload["after"], payload["query"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
         raise InvalidArgument.field("page_token", "is not a token this API returned") from None
     if not isinstance(after, str) or fingerprint != _hash(query_fingerprint):
         raise InvalidArgument.field("page_token", "belongs to a different query (filter changed?)")
@@ -65,7 +69,7 @@ def parse_state_filter(text: str, states: type[E], prefix: str = "STATE_") -> fr
         return frozenset()
     chosen: set[E] = set()
     for term in re.split(r"\s+OR\s+", text.strip(), flags=re.IGNORECASE):
-        match = _TERM.match(term)
+        match = _TERM.fullmatch(term)
         if not match:
             raise InvalidArgument.field(
                 "filter", f"cannot parse {term.strip()!r}: use 'state = ACTIVE OR state = PAUSED'"

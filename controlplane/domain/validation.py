@@ -53,7 +53,7 @@ MAX_GLOB_LENGTH = 1024
 
 
 def check_ingestion_id(value: str, field: str = "ingestion_id") -> None:
-    if not INGESTION_ID.match(value):
+    if not INGESTION_ID.fullmatch(value):
         raise InvalidArgument.field(
             field,
             f"{value!r} is not a valid id: use 1 to 63 lower-case letters, digits and hyphens, "
@@ -86,7 +86,7 @@ def _metadata(spec: IngestionSpec) -> Iterator[FieldViolation]:
     if len(spec.labels) > 64:
         yield FieldViolation("labels", "at most 64 labels")
     for key, value in spec.labels.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):
             yield FieldViolation(f"labels[{key!r}]", "key must be lower-case letters, digits, - and _ (1-63)")
         if len(value) > 63:
             yield FieldViolation(f"labels[{key!r}]", "value must be at most 63 characters")
@@ -100,10 +100,10 @@ def _source(spec: IngestionSpec) -> Iterator[FieldViolation]:
         yield from _source_uri(source.uri)
     if source.glob:
         yield from _glob(source.glob)
-    if source.credentials_ref and not CREDENTIALS_REF.match(source.credentials_ref):
+    if source.credentials_ref and not CREDENTIALS_REF.fullmatch(source.credentials_ref):
         yield FieldViolation("source.credentials_ref", "must be a name: letters, digits, '_', '.', '-'")
     for key in source.options:
-        if not OPTION_KEY.match(key):
+        if not OPTION_KEY.fullmatch(key):
             yield FieldViolation(f"source.options[{key!r}]", "key must be letters, digits, '_', '.', '-'")
 
 
@@ -224,7 +224,7 @@ def _schema(spec: IngestionSpec) -> Iterator[FieldViolation]:
 def _column_name(name: str, field: str) -> Iterator[FieldViolation]:
     if not name:
         yield FieldViolation(field, "is required")
-    elif not COLUMN_NAME.match(name):
+    elif not COLUMN_NAME.fullmatch(name):
         yield FieldViolation(
             field, f"{name!r} is not a column name: letters, digits and '_', not starting with a digit"
         )
@@ -237,7 +237,7 @@ def is_valid_type(type_: str) -> bool:
     text = type_.strip().lower()
     if text in PRIMITIVE_TYPES:
         return True
-    decimal = DECIMAL_TYPE.match(text)
+    decimal = DECIMAL_TYPE.fullmatch(text)
     if decimal:
         precision, scale = int(decimal.group(1)), int(decimal.group(2))
         return 1 <= precision <= 38 and 0 <= scale <= precision
@@ -254,7 +254,7 @@ def is_valid_type(type_: str) -> bool:
 
 def _struct_field_valid(part: str) -> bool:
     name, sep, type_ = part.partition(":")
-    return bool(sep) and bool(COLUMN_NAME.match(name.strip())) and is_valid_type(type_)
+    return bool(sep) and bool(COLUMN_NAME.fullmatch(name.strip())) and is_valid_type(type_)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -268,7 +268,8 @@ def _split_top_level(text: str) -> list[str]:
             parts.append(text[start:i])
             start = i + 1
     parts.append(text[start:])
-    return [p for p in (p.strip() for p in parts) if p]
+    # Empty pieces ("array<int,>") are kept so the caller rejects them.
+    return [p.strip() for p in parts]
 
 
 def _destination(spec: IngestionSpec) -> Iterator[FieldViolation]:
@@ -278,7 +279,7 @@ def _destination(spec: IngestionSpec) -> Iterator[FieldViolation]:
         yield FieldViolation("destination.table", "is required: namespace.table")
     else:
         parts = table.split(".")
-        if len(parts) != 2 or not all(IDENTIFIER.match(p) for p in parts):
+        if len(parts) != 2 or not all(IDENTIFIER.fullmatch(p) for p in parts):
             yield FieldViolation(
                 "destination.table",
                 f"{table!r} must be namespace.table, each part lower-case letters, digits and '_' "
@@ -291,7 +292,7 @@ def _destination(spec: IngestionSpec) -> Iterator[FieldViolation]:
         if partition.column.lower() not in RESERVED_COLUMNS:  # metadata columns may partition too
             yield from _column_name(partition.column, f"{field}.column")
         transform = partition.transform or "identity"
-        match = PARTITION_TRANSFORM.match(transform)
+        match = PARTITION_TRANSFORM.fullmatch(transform)
         if not match:
             yield FieldViolation(
                 f"{field}.transform", f"{transform!r}: use identity, year, month, day, hour, bucket[N] or truncate[W]"
@@ -324,7 +325,7 @@ def _schedule(spec: IngestionSpec) -> Iterator[FieldViolation]:
     if schedule.time_zone:
         try:
             zoneinfo.ZoneInfo(schedule.time_zone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a tzdata folder ("Europe")
             yield FieldViolation("schedule.time_zone", f"unknown time zone {schedule.time_zone!r}; use an IANA name")
 
 
