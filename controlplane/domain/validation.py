@@ -69,13 +69,35 @@ def validate_spec(spec: IngestionSpec) -> None:
 
 
 def spec_violations(spec: IngestionSpec) -> Iterator[FieldViolation]:
-    yield from _metadata(spec)
-    yield from _source(spec)
-    yield from _format(spec)
-    yield from _schema(spec)
-    yield from _destination(spec)
-    yield from _schedule(spec)
-    yield from _limits(spec)
+    # A value with a NUL is reported for that alone: the other rules would only add noise.
+    nul = list(_nul_characters(spec.model_dump(), ""))
+    yield from nul
+    spoiled = {v.field for v in nul}
+    for rule in (_metadata, _source, _format, _schema, _destination, _schedule, _limits):
+        yield from (v for v in rule(spec) if v.field not in spoiled)
+
+
+def _nul_characters(value: object, path: str) -> Iterator[FieldViolation]:
+    """PostgreSQL cannot store U+0000 in text; no field has a use for it."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            yield FieldViolation(path, "must not contain NUL characters")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                yield FieldViolation(f"{path}[{key!r}]", "keys must not contain NUL characters")
+            elif path.rsplit(".", 1)[-1] in _MAP_FIELDS:
+                yield from _nul_characters(item, f"{path}[{key!r}]")
+            else:
+                yield from _nul_characters(item, f"{path}.{_API_NAMES.get(key, key)}".lstrip("."))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _nul_characters(item, f"{path}[{i}]")
+
+
+# Domain names that the API spells differently, and the spec's map fields.
+_API_NAMES = {"row_schema": "schema"}
+_MAP_FIELDS = frozenset({"labels", "options", "hints"})
 
 
 def _metadata(spec: IngestionSpec) -> Iterator[FieldViolation]:
@@ -188,9 +210,12 @@ def _format(spec: IngestionSpec) -> Iterator[FieldViolation]:
             yield FieldViolation("format.encoding", f"applies to text formats only, not {fmt.type.value}")
         else:
             try:
-                codecs.lookup(fmt.encoding)
-            except LookupError:
-                yield FieldViolation("format.encoding", f"unknown encoding {fmt.encoding!r}")
+                # Text encodings only: base64 or rot13 are codecs but not character sets.
+                is_text = getattr(codecs.lookup(fmt.encoding), "_is_text_encoding", True)
+            except (LookupError, ValueError):
+                is_text = False
+            if not is_text:
+                yield FieldViolation("format.encoding", f"unknown character encoding {fmt.encoding!r}")
     if fmt.compression not in (Compression.AUTO, Compression.NONE) and fmt.type not in TEXT_FORMATS:
         yield FieldViolation(
             "format.compression", f"{fmt.type.value} files carry their own compression; leave it unset"
