@@ -13,13 +13,17 @@ from typing import Self
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from controlplane.adapters.file_repository import SqlFileRepository
 from controlplane.adapters.repositories import SqlIdempotencyRepository, SqlIngestionRepository
+from controlplane.adapters.run_repository import SqlRunRepository
 from controlplane.domain.errors import DatabaseUnavailable
 
 
 class SqlAlchemyUnitOfWork:
     ingestions: SqlIngestionRepository
     idempotency: SqlIdempotencyRepository
+    runs: SqlRunRepository
+    files: SqlFileRepository
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
@@ -29,19 +33,22 @@ class SqlAlchemyUnitOfWork:
         self._session = self._session_factory()
         self.ingestions = SqlIngestionRepository(self._session)
         self.idempotency = SqlIdempotencyRepository(self._session)
+        self.runs = SqlRunRepository(self._session)
+        self.files = SqlFileRepository(self._session)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._session is not None
+        session, self._session = self._session, None
         try:
-            self._session.rollback()  # a no-op after commit
-            self._session.close()
+            session.rollback()  # a no-op after commit
         except DBAPIError:
-            pass  # the connection is already gone; the pool discards it
+            pass  # the connection is already gone
         finally:
-            self._session = None
+            # Always close, so a dead connection is discarded rather than leaked.
+            session.close()
         if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
             raise DatabaseUnavailable() from exc
 
