@@ -19,18 +19,32 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from autoloader.v1 import file_pb2, ingestion_pb2, ingestion_pb2_grpc, lease_pb2, run_pb2
+from autoloader.v1 import (
+    file_pb2,
+    file_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+    lease_pb2,
+    run_pb2,
+    run_pb2_grpc,
+)
 from controlplane.adapters import migrations
 from controlplane.adapters.database import make_engine, make_session_factory
 from controlplane.adapters.embedded_postgres import EmbeddedPostgres
+from controlplane.adapters.storage import ListingError, SourceLister
 from controlplane.adapters.unit_of_work import SqlAlchemyUnitOfWork
 from controlplane.api.errors import ErrorInterceptor
 from controlplane.api.health import HealthMonitor
 from controlplane.api.ingestions import IngestionServicer
+from controlplane.api.runs import FileServicer, RunServicer
 from controlplane.config import ControlPlaneSettings
 from controlplane.domain.errors import DatabaseUnavailable
+from controlplane.service.changes import ChangeFeed
+from controlplane.service.discovery import DiscoveryLoop, DiscoveryService
+from controlplane.service.files import FileService
 from controlplane.service.ingestions import IngestionService
 from controlplane.service.maintenance import MaintenanceLoop, MaintenanceService
+from controlplane.service.runs import RunService
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +77,7 @@ class ControlPlane:
     engine: Engine
     health: HealthMonitor
     maintenance: MaintenanceLoop
+    discovery: DiscoveryLoop
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -80,6 +95,7 @@ class ControlPlane:
         log.info("draining", extra={"action": "server.drain"})
         self.health.drain()
         self.server.stop(self.settings.shutdown_grace if grace is None else grace).wait()
+        self.discovery.stop()
         self.maintenance.stop()
         self.engine.dispose()
         if self.embedded is not None:
@@ -136,10 +152,27 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
             return SqlAlchemyUnitOfWork(session_factory)
 
         ingestions = IngestionService(uow_factory)
+        run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
+        runs = RunService(uow_factory, run_changes, discovery_wakeup)
+        files = FileService(uow_factory, run_changes)
+        discovery = DiscoveryLoop(
+            DiscoveryService(
+                uow_factory,
+                SourceLister(settings.credentials),
+                (ListingError,),
+                run_changes,
+                chunk_size=settings.discovery_chunk_size,
+                stale_after=settings.discovery_stale_after,
+            ),
+            discovery_wakeup,
+            poll=settings.discovery_poll,
+        )
         maintenance = MaintenanceLoop(
             MaintenanceService(uow_factory, settings.idempotency_retention), settings.maintenance_interval
         )
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
+        run_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
+        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(files), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
         try:
@@ -151,12 +184,13 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         server.start()
         health.start()
         maintenance.start()
+        discovery.start()
     except BaseException:
         engine.dispose()
         if embedded is not None:
             embedded.stop()
         raise
-    plane = ControlPlane(server, port, engine, health, maintenance, embedded, settings)
+    plane = ControlPlane(server, port, engine, health, maintenance, discovery, embedded, settings)
     log.info("serving", extra={"action": "server.start", "address": plane.address})
     return plane
 

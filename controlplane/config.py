@@ -30,5 +30,14 @@ class ControlPlaneSettings(BaseSettings):
     idempotency_retention: timedelta = timedelta(days=7)
     # Seconds between housekeeping rounds (purging expired request ids).
     maintenance_interval: float = 3600.0
+    # Files per discovery transaction; agents may start on each chunk as soon as it commits.
+    discovery_chunk_size: int = 1000
+    # A discovery whose replica has been silent this long is taken over by another.
+    discovery_stale_after: timedelta = timedelta(seconds=30)
+    # Seconds between checks for discovery work started on other replicas.
+    discovery_poll: float = 2.0
+    # Source credentials by name (credentials_ref -> fsspec storage options), as JSON:
+    # AUTOLOADER_CREDENTIALS='{"shop": {"key": "...", "secret": "..."}}'. Never returned by the API.
+    credentials: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
     log_format: str = "text"
     log_level: str = "INFO"

@@ -89,7 +89,13 @@ class RunRow(Base):
     trigger: Mapped[str] = mapped_column(Text)
     error: Mapped[str] = mapped_column(Text, server_default="")
     # Where a crashed listing resumes (last path of the last committed chunk).
-    discovery_cursor: Mapped[str | None] = mapped_column(Text)
+    discovery_cursor: Mapped[str | None] = mapped_column(Text(collation="C"))
+    # The replica listing the source, and when it last proved it is alive; a
+    # stale heartbeat lets another replica take the discovery over.
+    discovery_owner: Mapped[str | None] = mapped_column(Text)
+    discovery_heartbeat_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Counts by file state, frozen when the run ends (files may later move to newer runs).
+    final_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     create_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     discovery_end_time: Mapped[datetime | None] = mapped_column(Timestamp)
     end_time: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -116,7 +122,8 @@ class FileRow(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
     ingestion_pk: Mapped[uuid.UUID] = mapped_column(ForeignKey("ingestions.id", ondelete="CASCADE"))
     run_pk: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
-    path: Mapped[str] = mapped_column(Text)
+    # Byte order ("C"): listing order, resume cursors and prefix filters agree.
+    path: Mapped[str] = mapped_column(Text(collation="C"))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     modified_time: Mapped[datetime | None] = mapped_column(Timestamp)
     etag: Mapped[str] = mapped_column(Text, server_default="")

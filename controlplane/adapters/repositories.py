@@ -7,6 +7,7 @@ that mean something to a client are translated here.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -49,7 +50,7 @@ def _to_entity(row: IngestionRow) -> Ingestion:
         state_message=row.state_message,
         schema_version=row.schema_version,
         version=row.version,
-        last_run=row.last_run_id or "",
+        last_run=f"ingestions/{row.ingestion_id}/runs/{row.last_run_id}" if row.last_run_id else "",
         next_run_time=row.next_run_time,
         prefect_deployment_id=row.prefect_deployment_id or "",
         create_time=row.create_time,
@@ -63,7 +64,6 @@ def _copy_to_row(ingestion: Ingestion, row: IngestionRow) -> None:
     row.state_message = ingestion.state_message
     row.schema_version = ingestion.schema_version
     row.version = ingestion.version
-    row.last_run_id = ingestion.last_run or None
     row.next_run_time = ingestion.next_run_time
     row.prefect_deployment_id = ingestion.prefect_deployment_id or None
 
@@ -85,6 +85,10 @@ class SqlIngestionRepository:
         if for_update:
             query = query.with_for_update()
         row = self._session.scalars(query).one_or_none()
+        return _to_entity(row) if row else None
+
+    def get_by_pk(self, pk: uuid.UUID) -> Ingestion | None:
+        row = self._session.get(IngestionRow, pk)
         return _to_entity(row) if row else None
 
     def list_after(

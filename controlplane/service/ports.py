@@ -6,13 +6,15 @@ Repositories add, query and flush. Only the service layer commits.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
 from controlplane.domain.ingestion import Ingestion, IngestionState
+from controlplane.domain.runs import File, FileAttempt, FileState, ListedFile, Run, RunState
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class IngestionRepository(Protocol):
     def add(self, ingestion: Ingestion) -> None: ...
 
     def get(self, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion | None: ...
+
+    def get_by_pk(self, pk: uuid.UUID) -> Ingestion | None: ...
 
     def list_after(
         self, tenant: str, *, states: Collection[IngestionState], after: str | None, limit: int
@@ -53,10 +57,80 @@ class IdempotencyRepository(Protocol):
         ...
 
 
+class RunRepository(Protocol):
+    def add(self, run: Run) -> Run: ...
+
+    def get(
+        self, ingestion_pk: uuid.UUID, ingestion_id: str, run_id: str, *, for_update: bool = False
+    ) -> Run | None: ...
+
+    def active(self, ingestion_pk: uuid.UUID, ingestion_id: str, *, for_update: bool = False) -> Run | None: ...
+
+    def list_before(
+        self, ingestion_pk: uuid.UUID, ingestion_id: str, states: Sequence[RunState], before: str | None, limit: int
+    ) -> list[Run]: ...
+
+    def with_live_counts(self, run: Run) -> Run: ...
+
+    def claim_discovery(self, owner: str, stale_after: timedelta) -> tuple[Run, str | None] | None: ...
+
+    def heartbeat_discovery(self, run_pk: uuid.UUID, owner: str, cursor: str | None) -> bool: ...
+
+    def release_discovery(self, run_pk: uuid.UUID, owner: str) -> None: ...
+
+    def end_discovery(self, run_pk: uuid.UUID, owner: str, error: str | None = None) -> bool: ...
+
+    def finalize_if_done(self, run_pk: uuid.UUID) -> RunState | None: ...
+
+    def cancel(self, run_pk: uuid.UUID) -> bool: ...
+
+    def set_last_run(self, ingestion_pk: uuid.UUID, run_id: str) -> None: ...
+
+
+class FileRepository(Protocol):
+    def upsert_discovered(self, ingestion_pk: uuid.UUID, run_pk: uuid.UUID, files: Sequence[ListedFile]) -> int: ...
+
+    def list_after(
+        self,
+        ingestion_pk: uuid.UUID,
+        ingestion_id: str,
+        *,
+        states: Collection[FileState],
+        run_pk: uuid.UUID | None,
+        path_prefix: str,
+        modified_after: datetime | None,
+        modified_before: datetime | None,
+        after_id: int | None,
+        limit: int,
+    ) -> list[File]: ...
+
+    def get(self, ingestion_pk: uuid.UUID, ingestion_id: str, file_id: int) -> File | None: ...
+
+    def select_for_retry(
+        self,
+        ingestion_pk: uuid.UUID,
+        *,
+        file_ids: Collection[int],
+        states: Collection[FileState],
+        modified_after: datetime | None,
+        modified_before: datetime | None,
+    ) -> list[int]: ...
+
+    def requeue(self, file_ids: Sequence[int], run_pk: uuid.UUID) -> int: ...
+
+    def attempts(self, file_pk: int) -> list[FileAttempt]: ...
+
+
 class UnitOfWork(Protocol):
     # Read-only properties, so implementations may hold concrete repository types.
     @property
     def ingestions(self) -> IngestionRepository: ...
+
+    @property
+    def runs(self) -> RunRepository: ...
+
+    @property
+    def files(self) -> FileRepository: ...
 
     @property
     def idempotency(self) -> IdempotencyRepository: ...
