@@ -115,7 +115,7 @@ class FileRow(Base):
         ),
         Index("ix_files_run_state", "run_pk", "state"),
         Index("ix_files_ingestion_state", "ingestion_pk", "state"),
-        Index("ix_files_lease", "lease_pk"),
+        Index("ix_files_lease", "lease_pk", postgresql_where=text("lease_pk IS NOT NULL")),
     )
     __mapper_args__: dict[str, Any] = {"eager_defaults": True}
 

@@ -12,12 +12,14 @@ chunk is harmless because the upsert is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
+from queue import Empty, Queue
 from typing import Protocol
 
 from controlplane.domain.ingestion import Source
@@ -78,37 +80,37 @@ class DiscoveryService:
         extra = {"run": run.name, "owner": self.owner}
         log.info("discovery %s", "resumed" if cursor else "started", extra={"action": "discovery.start", **extra})
         listed = queued = 0
-        files = self._lister.list(source, after=cursor)
-        try:
-            while True:
-                if should_stop():
-                    # Hand the run back so a replica (or our restart) resumes it at once.
-                    with self._uow_factory() as uow:
-                        uow.runs.release_discovery(run.id, self.owner)
-                        uow.commit()
-                    log.info("discovery paused for shutdown", extra={"action": "discovery.release", **extra})
-                    return
-                chunk = list(itertools.islice(files, self._chunk_size))
-                if not chunk:
-                    break
-                with self._uow_factory() as uow:
-                    if not uow.runs.heartbeat_discovery(run.id, self.owner, chunk[-1].path):
-                        log.info(
-                            "discovery stopped: run cancelled or taken over",
-                            extra={"action": "discovery.lost", **extra},
-                        )
+        with contextlib.closing(prefetch_chunks(self._lister.list(source, after=cursor), self._chunk_size)) as chunks:
+            try:
+                while True:
+                    if should_stop():
+                        # Hand the run back so a replica (or our restart) resumes it at once.
+                        with self._uow_factory() as uow:
+                            uow.runs.release_discovery(run.id, self.owner)
+                            uow.commit()
+                        log.info("discovery paused for shutdown", extra={"action": "discovery.release", **extra})
                         return
-                    queued += uow.files.upsert_discovered(run.ingestion_pk, run.id, chunk)
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    with self._uow_factory() as uow:
+                        if not uow.runs.heartbeat_discovery(run.id, self.owner, chunk[-1].path):
+                            log.info(
+                                "discovery stopped: run cancelled or taken over",
+                                extra={"action": "discovery.lost", **extra},
+                            )
+                            return
+                        queued += uow.files.upsert_discovered(run.ingestion_pk, run.id, chunk)
+                        uow.commit()
+                    listed += len(chunk)
+                    self._run_changes.notify()
+            except self._listing_errors as exc:
+                with self._uow_factory() as uow:
+                    uow.runs.end_discovery(run.id, self.owner, error=str(exc))
                     uow.commit()
-                listed += len(chunk)
                 self._run_changes.notify()
-        except self._listing_errors as exc:
-            with self._uow_factory() as uow:
-                uow.runs.end_discovery(run.id, self.owner, error=str(exc))
-                uow.commit()
-            self._run_changes.notify()
-            log.warning("discovery failed: %s", exc, extra={"action": "discovery.failed", **extra})
-            return
+                log.warning("discovery failed: %s", exc, extra={"action": "discovery.failed", **extra})
+                return
         with self._uow_factory() as uow:
             if uow.runs.end_discovery(run.id, self.owner):
                 # Nothing new (or everything already done) ends the run right away.
@@ -121,6 +123,45 @@ class DiscoveryService:
             queued,
             extra={"action": "discovery.end", "listed": listed, "queued": queued, **extra},
         )
+
+
+_DONE = object()
+
+
+def prefetch_chunks(items: Iterator[ListedFile], size: int, depth: int = 2) -> Generator[list[ListedFile]]:
+    """Chunks of `items`, listed by a background thread up to `depth` chunks ahead,
+    so listing the source overlaps with writing the previous chunk. Errors of the
+    listing surface here, in the consumer; closing the generator stops the lister."""
+    queue: Queue[object] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            while not stop.is_set():
+                chunk = list(itertools.islice(items, size))
+                if not chunk:
+                    break
+                queue.put(chunk)
+            queue.put(_DONE)
+        except BaseException as exc:
+            queue.put(exc)
+
+    thread = threading.Thread(target=produce, name="discovery-lister", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.1)
+        thread.join()
 
 
 class DiscoveryLoop:
