@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _seconds_or_iso(value: object) -> object:
+    """Durations from the environment: plain seconds ("30", "2.5") or ISO 8601 ("PT30S", "P7D")."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        return float(value)
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_seconds_or_iso)]
 
 
 def default_state_dir() -> Path:
@@ -27,13 +39,13 @@ class ControlPlaneSettings(BaseSettings):
     db_pool_size: int = 10
     grpc_workers: int = 32
     # How long a request id is remembered: a retry later than this is a new request.
-    idempotency_retention: timedelta = timedelta(days=7)
+    idempotency_retention: Duration = timedelta(days=7)
     # Seconds between housekeeping rounds (purging expired request ids).
     maintenance_interval: float = 3600.0
     # Files per discovery transaction; agents may start on each chunk as soon as it commits.
     discovery_chunk_size: int = 1000
     # A discovery whose replica has been silent this long is taken over by another.
-    discovery_stale_after: timedelta = timedelta(seconds=30)
+    discovery_stale_after: Duration = timedelta(seconds=30)
     # Seconds between checks for discovery work started on other replicas.
     discovery_poll: float = 2.0
     # Source credentials by name (credentials_ref -> fsspec storage options), as JSON:
