@@ -11,7 +11,7 @@ from typing import Annotated
 import grpc
 import typer
 
-from autoloader.cli import ingestions
+from autoloader.cli import files, ingestions, runs
 from autoloader.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, CliError, report_rpc_error
 from autoloader.cli.output import OutputFormat, err_console, show_ingestion, show_ingestions
 from autoloader.client import DEFAULT_ADDRESS, Client
@@ -25,6 +25,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(ingestions.app, name="ingestions")
+app.add_typer(runs.app, name="runs")
+app.add_typer(files.app, name="files")
 
 
 # The address the current command talks to, for error messages raised outside it.

@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
+from autoloader.v1 import file_pb2, run_pb2
 from autoloader.v1 import ingestion_pb2 as pb
 
 console = Console(highlight=False, soft_wrap=True)
@@ -111,3 +112,152 @@ def show_ingestions(ingestions: Sequence[pb.Ingestion], fmt: OutputFormat) -> No
             err_console.print("no ingestions")
     else:
         emit({"ingestions": [as_dict(i) for i in ingestions]}, fmt)
+
+
+# Runs and files
+
+
+def _when(message: Message, field: str) -> str:
+    """A timestamp field as "2026-01-31 12:00:00Z" (UTC), or "-" when unset."""
+    if not message.HasField(field):
+        return "-"
+    return f"{getattr(message, field).ToDatetime():%Y-%m-%d %H:%M:%S}Z"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _clip(text: str, width: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def run_done(run: run_pb2.Run) -> int:
+    """Files of the run that need nothing more: succeeded, quarantined or skipped."""
+    c = run.file_counts
+    return c.succeeded + c.quarantined + c.skipped
+
+
+def run_state(run: run_pb2.Run) -> str:
+    return _short(run.state, run_pb2.Run.State, "STATE_")
+
+
+def _rows_table(*columns: str) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def run_rows(runs: Sequence[run_pb2.Run]) -> Table:
+    table = _rows_table("NAME", "STATE", "TRIGGER", "FILES", "RECORDS", "STARTED", "ENDED")
+    for r in runs:
+        table.add_row(
+            r.name.rsplit("/", 1)[-1],
+            run_state(r),
+            _short(r.trigger, run_pb2.Run.Trigger, "TRIGGER_"),
+            f"{run_done(r)}/{r.file_counts.total}",
+            str(r.records),
+            _when(r, "create_time"),
+            _when(r, "end_time"),
+        )
+    return table
+
+
+def run_detail(r: run_pb2.Run) -> Table:
+    c = r.file_counts
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = [
+        ("name", r.name),
+        ("state", run_state(r) + (f" ({r.error})" if r.error else "")),
+        ("trigger", _short(r.trigger, run_pb2.Run.Trigger, "TRIGGER_")),
+        ("files", f"{run_done(r)}/{c.total} done: {c.pending} pending, {c.leased} leased, {c.succeeded} succeeded, "
+         f"{c.failed} failed, {c.quarantined} quarantined, {c.skipped} skipped"),
+        ("records", str(r.records)),
+        ("bytes", _size(r.bytes)),
+        ("started", _when(r, "create_time")),
+        ("discovered", _when(r, "discovery_end_time")),
+        ("ended", _when(r, "end_time")),
+    ]  # fmt: skip
+    rows += [("error", f"{e.path}: {_clip(e.error, 200)}") for e in r.first_errors]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def show_run(run: run_pb2.Run, fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.table:
+        console.print(run_detail(run))
+    else:
+        emit(as_dict(run), fmt)
+
+
+def show_runs(runs: Sequence[run_pb2.Run], fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.table:
+        if runs:
+            console.print(run_rows(runs))
+        else:
+            err_console.print("no runs")
+    else:
+        emit({"runs": [as_dict(r) for r in runs]}, fmt)
+
+
+def file_rows(files: Sequence[file_pb2.File]) -> Table:
+    table = _rows_table("ID", "STATE", "SIZE", "MODIFIED", "ATTEMPTS", "PATH", "ERROR")
+    for f in files:
+        table.add_row(
+            f.name.rsplit("/", 1)[-1],
+            _short(f.state, file_pb2.File.State, "STATE_"),
+            _size(f.size_bytes),
+            _when(f, "modified_time"),
+            str(f.attempts),
+            f.path,
+            _clip(f.last_error) or "-",
+        )
+    return table
+
+
+def show_files(files: Sequence[file_pb2.File], fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.table:
+        if files:
+            console.print(file_rows(files))
+        else:
+            err_console.print("no files")
+    else:
+        emit({"files": [as_dict(f) for f in files]}, fmt)
+
+
+def attempt_rows(attempts: Sequence[file_pb2.FileAttempt]) -> Table:
+    table = _rows_table("ATTEMPT", "OUTCOME", "AGENT", "STARTED", "DURATION", "RECORDS", "ERROR")
+    for a in attempts:
+        error = f"{a.error_type}: {a.error_message}" if a.error_type else a.error_message
+        table.add_row(
+            str(a.attempt),
+            _short(a.outcome, file_pb2.FileAttempt.Outcome, "OUTCOME_"),
+            a.agent.removeprefix("agents/") or "-",
+            _when(a, "start_time"),
+            f"{a.duration.ToTimedelta().total_seconds():.1f}s" if a.HasField("duration") else "-",
+            str(a.records),
+            _clip(error) or "-",
+        )
+    return table
+
+
+def show_attempts(attempts: Sequence[file_pb2.FileAttempt], fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.table:
+        if attempts:
+            console.print(attempt_rows(attempts))
+        else:
+            err_console.print("no attempts")
+    else:
+        emit({"attempts": [as_dict(a) for a in attempts]}, fmt)
