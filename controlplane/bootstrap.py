@@ -73,6 +73,7 @@ class StartupError(Exception):
 @dataclass
 class ControlPlane:
     server: grpc.Server
+    executor: futures.ThreadPoolExecutor
     port: int
     engine: Engine
     health: HealthMonitor
@@ -95,6 +96,9 @@ class ControlPlane:
         log.info("draining", extra={"action": "server.drain"})
         self.health.drain()
         self.server.stop(self.settings.shutdown_grace if grace is None else grace).wait()
+        # Handlers of cancelled calls may still be running; let them return their
+        # database connections before the pool is disposed.
+        self.executor.shutdown(wait=True, cancel_futures=True)
         self.discovery.stop()
         self.maintenance.stop()
         self.engine.dispose()
@@ -142,8 +146,9 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
                 raise DatabaseUnavailable() from exc
 
         health = HealthMonitor(probe, SERVICE_NAMES, settings.health_interval)
+        executor = futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
+            executor,
             interceptors=[ErrorInterceptor()],
             options=_SERVER_OPTIONS,
         )
@@ -190,7 +195,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         if embedded is not None:
             embedded.stop()
         raise
-    plane = ControlPlane(server, port, engine, health, maintenance, discovery, embedded, settings)
+    plane = ControlPlane(server, executor, port, engine, health, maintenance, discovery, embedded, settings)
     log.info("serving", extra={"action": "server.start", "address": plane.address})
     return plane
 

@@ -128,7 +128,6 @@ def test_add_then_get_round_trips_every_field(uow_factory: UowFactory) -> None:
         state=IngestionState.PAUSED,
         state_message="paused by ops",
         schema_version=3,
-        last_run="runs/r1",
         next_run_time=datetime(2030, 1, 1, tzinfo=UTC),
         prefect_deployment_id="dep-1",
     )
@@ -141,6 +140,26 @@ def test_add_then_get_round_trips_every_field(uow_factory: UowFactory) -> None:
     assert got.spec == rich_spec()
     assert got.model_dump(exclude={"spec"}) == ingestion.model_dump(exclude={"spec"})
     assert got == ingestion
+
+
+def test_last_run_is_owned_by_the_run_repository(uow_factory: UowFactory) -> None:
+    """last_run is output-only: set when a run starts, never written back by save()."""
+    add(uow_factory, make_ingestion("orders"))
+    with uow_factory() as uow:
+        ingestion = uow.ingestions.get("tenant-a", "orders")
+        assert ingestion is not None
+        uow.runs.set_last_run(ingestion.id, "20300101-000000-0001abc")
+        uow.commit()
+    with uow_factory() as uow:
+        ingestion = uow.ingestions.get("tenant-a", "orders", for_update=True)
+        assert ingestion is not None
+        assert ingestion.last_run == "ingestions/orders/runs/20300101-000000-0001abc"
+        ingestion.last_run = "something else"
+        uow.ingestions.save(ingestion)
+        uow.commit()
+    got = get(uow_factory, "orders")
+    assert got is not None
+    assert got.last_run == "ingestions/orders/runs/20300101-000000-0001abc"
 
 
 def test_spec_is_stored_as_jsonb(uow_factory: UowFactory, session_factory: sessionmaker[Session]) -> None:
