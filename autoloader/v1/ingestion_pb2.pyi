@@ -255,7 +255,7 @@ class Source(_message.Message):
     """
     @_builtins.property
     def modified_after(self) -> _timestamp_pb2.Timestamp:
-        """Optional. Ignore files last modified before this time."""
+        """Optional. Only files last modified at or after this time."""
 
     @_builtins.property
     def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:

@@ -211,6 +211,14 @@ class SqlFileRepository:
         ).first()
         return _to_file(found[0], ingestion_id, found[1]) if found else None
 
+    def states_of(self, ingestion_pk: uuid.UUID, file_ids: Collection[int]) -> dict[int, FileState]:
+        rows = self._session.execute(
+            select(FileRow.id, FileRow.state).where(
+                FileRow.ingestion_pk == ingestion_pk, FileRow.id.in_(list(file_ids))
+            )
+        )
+        return {file_id: FileState(state) for file_id, state in rows}
+
     def select_for_retry(
         self,
         ingestion_pk: uuid.UUID,

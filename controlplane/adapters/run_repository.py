@@ -42,7 +42,6 @@ def _to_run(row: RunRow, ingestion_id: str) -> Run:
         create_time=row.create_time,
         discovery_end_time=row.discovery_end_time,
         end_time=row.end_time,
-        counts=RunCounts(**row.final_counts) if row.final_counts else RunCounts(),
     )
 
 
@@ -74,7 +73,7 @@ class SqlRunRepository:
         if for_update:
             query = query.with_for_update()
         row = self._session.scalars(query).one_or_none()
-        return self.with_live_counts(_to_run(row, ingestion_id)) if row else None
+        return self._with_counts(row, ingestion_id) if row else None
 
     def active(self, ingestion_pk: uuid.UUID, ingestion_id: str, *, for_update: bool = False) -> Run | None:
         query = select(RunRow).where(
@@ -94,7 +93,7 @@ class SqlRunRepository:
         if before is not None:
             query = query.where(RunRow.run_id < before)
         rows = self._session.scalars(query.order_by(RunRow.run_id.desc()).limit(limit)).all()
-        return [self.with_live_counts(_to_run(row, ingestion_id)) for row in rows]
+        return [self._with_counts(row, ingestion_id) for row in rows]
 
     def counts(self, run_pk: uuid.UUID) -> RunCounts:
         """Counts by state from the file rows (index files(run_pk, state))."""
@@ -115,17 +114,31 @@ class SqlRunRepository:
                 values["records"], values["bytes"] = int(records), int(size)
         return RunCounts(**values)
 
-    def with_live_counts(self, run: Run) -> Run:
-        """A finished run keeps the counts frozen at its end; an active one counts now."""
-        counts = run.counts if run.terminal and run.counts.total else self.counts(run.id)
+    def _with_counts(self, row: RunRow, ingestion_id: str) -> Run:
+        """An ended run shows the snapshot taken when it ended (its files may since
+        have moved to newer runs); an active one is counted now."""
+        run = _to_run(row, ingestion_id)
+        if row.final_counts is not None:
+            snapshot = dict(row.final_counts)
+            errors = snapshot.pop("first_errors", [])
+            return run.model_copy(
+                update={"counts": RunCounts(**snapshot), "first_errors": tuple(FileError(**e) for e in errors)}
+            )
+        return run.model_copy(update={"counts": self.counts(run.id), "first_errors": self._first_errors(run.id)})
+
+    def _first_errors(self, run_pk: uuid.UUID) -> tuple[FileError, ...]:
         errors = self._session.execute(
             select(FileRow.id, FileRow.path, FileRow.last_error)
-            .where(FileRow.run_pk == run.id, FileRow.last_error != "")
-            .order_by(FileRow.update_time)
+            .where(FileRow.run_pk == run_pk, FileRow.last_error != "")
+            .order_by(FileRow.update_time, FileRow.id)
             .limit(FIRST_ERRORS)
         ).all()
-        first = tuple(FileError(file_id=i, path=p, error=e) for i, p, e in errors)
-        return run.model_copy(update={"counts": counts, "first_errors": first})
+        return tuple(FileError(file_id=i, path=p, error=e) for i, p, e in errors)
+
+    def _snapshot(self, run_pk: uuid.UUID, counts: RunCounts | None = None) -> dict[str, Any]:
+        snapshot: dict[str, Any] = (counts or self.counts(run_pk)).model_dump()
+        snapshot["first_errors"] = [e.model_dump() for e in self._first_errors(run_pk)]
+        return snapshot
 
     # Discovery work, claimed by any replica.
 
@@ -204,9 +217,7 @@ class SqlRunRepository:
         )
 
     def _freeze_counts(self, run_pk: uuid.UUID) -> None:
-        self._session.execute(
-            update(RunRow).where(RunRow.id == run_pk).values(final_counts=self.counts(run_pk).model_dump())
-        )
+        self._session.execute(update(RunRow).where(RunRow.id == run_pk).values(final_counts=self._snapshot(run_pk)))
 
     def finalize_if_done(self, run_pk: uuid.UUID) -> RunState | None:
         """Ends a RUNNING run that has no open file left; exactly one caller wins.
@@ -226,7 +237,7 @@ class SqlRunRepository:
         self._session.execute(
             update(RunRow)
             .where(RunRow.id == run_pk, RunRow.state == RunState.RUNNING)
-            .values(state=state, end_time=func.now(), final_counts=counts.model_dump())
+            .values(state=state, end_time=func.now(), final_counts=self._snapshot(run_pk, counts))
         )
         return state
 

@@ -12,6 +12,7 @@ through fsspec (s3fs for s3://; gcsfs and adlfs when installed).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat as stat_module
@@ -23,6 +24,8 @@ from urllib.parse import urlsplit
 
 from controlplane.domain.ingestion import Source
 from controlplane.domain.runs import ListedFile
+
+log = logging.getLogger(__name__)
 
 
 class ListingError(Exception):
@@ -59,11 +62,13 @@ def glob_to_regex(glob: str) -> re.Pattern[str]:
             out.append("[^/]*")
         elif ch == "?":
             out.append("[^/]")
-        elif ch == "[":
-            end = glob.find("]", i + 1)
+        elif ch == "[" and glob.find("]", i + 2) != -1:
+            end = glob.find("]", i + 2)  # "[]a]" holds "]"
             body = glob[i + 1 : end]
-            negate = body.startswith("!")
-            out.append("[" + ("^" if negate else "") + re.escape(body[1:] if negate else body) + "]")
+            negate = body[0] in "!^"
+            # Ranges ("0-9") stay ranges; a class never matches the separator.
+            members = (body[1:] if negate else body).replace("\\", "\\\\").replace("[", "\\[").replace("^", "\\^")
+            out.append(f"[^/{members}]" if negate else f"(?!/)[{members}]")
             i = end
         elif ch == "{":
             out.append("(?:")
@@ -99,7 +104,7 @@ class FileMatcher:
 
     def matches(self, relative: str, entry: Entry) -> bool:
         if self._modified_after is not None and (
-            entry.modified_time is None or entry.modified_time <= self._modified_after
+            entry.modified_time is None or entry.modified_time < self._modified_after
         ):
             return False
         if self._pattern is None:
@@ -140,6 +145,11 @@ def _local_list_dir(uri: str) -> list[Entry]:
     entries = []
     with os.scandir(directory) as scanner:
         for item in scanner:
+            if _undecodable(item.name):
+                log.warning(
+                    "skipped a name that is not valid UTF-8: %r", item.path, extra={"action": "discovery.bad_name"}
+                )
+                continue
             try:
                 info = item.stat()
             except FileNotFoundError:
@@ -157,6 +167,16 @@ def _local_list_dir(uri: str) -> list[Entry]:
                     )
                 )
     return entries
+
+
+def _undecodable(name: str) -> bool:
+    # os.scandir hands undecodable bytes over as lone surrogates; no URI, database
+    # or reader downstream can carry such a name.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _from_ns(ns: int) -> datetime:

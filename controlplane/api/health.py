@@ -48,3 +48,6 @@ class HealthMonitor:
         """Reports NOT_SERVING from now on, so balancers stop sending new calls."""
         self._stop.set()
         self.servicer.enter_graceful_shutdown()
+        # A probe in flight holds a database connection; let it finish before the pool goes.
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)

@@ -22,6 +22,7 @@ from datetime import timedelta
 from queue import Empty, Queue
 from typing import Protocol
 
+from controlplane.domain.errors import DatabaseUnavailable
 from controlplane.domain.ingestion import Source
 from controlplane.domain.runs import ListedFile, Run
 from controlplane.service.changes import ChangeFeed
@@ -104,12 +105,24 @@ class DiscoveryService:
                         uow.commit()
                     listed += len(chunk)
                     self._run_changes.notify()
-            except self._listing_errors as exc:
+            except DatabaseUnavailable:
+                # Nothing to record while the database is away: the heartbeat goes stale
+                # and this or another replica resumes from the last committed chunk.
+                log.warning(
+                    "discovery interrupted: database unavailable", extra={"action": "discovery.db_down", **extra}
+                )
+                return
+            except Exception as exc:
+                if isinstance(exc, self._listing_errors):
+                    reason = str(exc)
+                else:
+                    log.exception("discovery failed unexpectedly", extra={"action": "discovery.error", **extra})
+                    reason = f"discovery failed: {type(exc).__name__}: {exc}"
                 with self._uow_factory() as uow:
-                    uow.runs.end_discovery(run.id, self.owner, error=str(exc))
+                    uow.runs.end_discovery(run.id, self.owner, error=reason)
                     uow.commit()
                 self._run_changes.notify()
-                log.warning("discovery failed: %s", exc, extra={"action": "discovery.failed", **extra})
+                log.warning("discovery failed: %s", reason, extra={"action": "discovery.failed", **extra})
                 return
         with self._uow_factory() as uow:
             if uow.runs.end_discovery(run.id, self.owner):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from controlplane.domain.errors import InvalidArgument, NotFound
+from controlplane.domain.errors import InvalidArgument, NotFound, WrongState
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.paging import next_page_token, page_request
 from controlplane.domain.runs import File, FileAttempt, FileState, Run, Trigger
@@ -96,6 +96,8 @@ class FileService:
 
         def work() -> tuple[str, int]:
             ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
+            if file_ids:
+                _check_named(ingestion.name, file_ids, uow.files.states_of(ingestion.id, file_ids), RETRIABLE)
             ids = uow.files.select_for_retry(
                 ingestion.id,
                 file_ids=file_ids,
@@ -103,13 +105,6 @@ class FileService:
                 modified_after=modified_after,
                 modified_before=modified_before,
             )
-            if file_ids:
-                missing = sorted(set(file_ids) - set(ids))
-                if missing and not ids:
-                    raise NotFound(
-                        f"no retriable file among {len(file_ids)} named (missing or still queued: "
-                        f"{', '.join(f'{ingestion.name}/files/{i}' for i in missing[:5])})"
-                    )
             if not ids:
                 return "", 0
             run: Run | None = uow.runs.active(ingestion.id, ingestion_id, for_update=True)
@@ -141,3 +136,20 @@ class FileService:
                 name = f"{ingestion.name}/files/{file_id}"
                 raise NotFound(f"{name} does not exist", metadata={"file": name})
             return uow.files.attempts(file_id)
+
+
+def _check_named(
+    ingestion_name: str, file_ids: Sequence[int], states: dict[int, FileState], allowed: Collection[FileState]
+) -> None:
+    """Every named file must exist and be retriable: nothing named is silently ignored."""
+    missing = sorted(set(file_ids) - states.keys())
+    if missing:
+        names = ", ".join(f"{ingestion_name}/files/{i}" for i in missing[:5])
+        raise NotFound(f"no such file: {names}", metadata={"file": f"{ingestion_name}/files/{missing[0]}"})
+    wrong = sorted(i for i, state in states.items() if state not in allowed)
+    if wrong:
+        details = ", ".join(f"{ingestion_name}/files/{i} is {states[i].value}" for i in wrong[:5])
+        raise WrongState(
+            f"cannot retry: {details} (queued or leased files are already on their way)",
+            metadata={"file": f"{ingestion_name}/files/{wrong[0]}", "state": states[wrong[0]].value},
+        )
