@@ -47,9 +47,16 @@ def report_rpc_error(error: grpc.RpcError, address: str) -> int:
             "(start one with `autoloader up`, or set --address / AUTOLOADER_ADDRESS)"
         )
         return EXIT_UNAVAILABLE
-    err_console.print(f"error: {code.name}: {details}", markup=False)
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
+    details_list = list(status.details) if status else []
+    reason = ""
+    for detail in details_list:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason if info.reason != code.name else ""
+    err_console.print(f"error: {code.name}{f' ({reason})' if reason else ''}: {details}", markup=False)
+    for detail in details_list:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)

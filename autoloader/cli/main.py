@@ -6,10 +6,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import grpc
 import typer
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from autoloader.cli import files, ingestions, runs
 from autoloader.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, CliError, report_rpc_error
@@ -66,7 +68,7 @@ def _run_control_plane(state_dir: Path | None, banner: bool) -> None:
 
     if state_dir is not None:
         os.environ["AUTOLOADER_STATE_DIR"] = str(state_dir)
-    settings = ControlPlaneSettings()
+    settings = _settings(ControlPlaneSettings)
     logs.configure(settings.log_level, settings.log_format)
     try:
         plane = bootstrap.start(settings)
@@ -80,6 +82,20 @@ def _run_control_plane(state_dir: Path | None, banner: bool) -> None:
             "Stop with Ctrl-C."
         )
     bootstrap.wait_for_signal(plane)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _settings(cls: type[S], **overrides: Any) -> S:
+    """Settings from AUTOLOADER_* variables; a bad value is bad input (exit 2), not a traceback."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"AUTOLOADER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise CliError(f"bad configuration: {problems}", EXIT_BAD_INPUT) from None
 
 
 @app.command()
@@ -115,7 +131,7 @@ def demo(
     from controlplane import bootstrap, logs
     from controlplane.config import ControlPlaneSettings
 
-    settings = ControlPlaneSettings(listen_address="127.0.0.1:0")
+    settings = _settings(ControlPlaneSettings, listen_address="127.0.0.1:0")
     if state_dir is not None:
         settings.state_dir = state_dir
     logs.configure("WARNING", settings.log_format)

@@ -155,3 +155,11 @@ def test_module_entry_point_help() -> None:
     assert done.returncode == 0
     for command in ("serve", "up", "demo", "ingestions"):
         assert command in done.stdout
+
+
+def test_bad_configuration_is_bad_input_not_a_traceback() -> None:
+    env = _env(discovery_stale_after="soon", listen_address="127.0.0.1:0")
+    done = subprocess.run([*AUTOLOADER, "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "bad configuration: AUTOLOADER_DISCOVERY_STALE_AFTER" in done.stderr
+    assert "Traceback" not in done.stderr
