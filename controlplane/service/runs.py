@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -128,9 +129,19 @@ class RunService:
         return outcome.result
 
     def watch(
-        self, tenant: str, ingestion_id: str, run_id: str, still_wanted: Callable[[], bool], poll: float = 1.0
+        self,
+        tenant: str,
+        ingestion_id: str,
+        run_id: str,
+        still_wanted: Callable[[], bool],
+        poll: float = 1.0,
+        min_interval: float = 0.5,
     ) -> Iterator[Run]:
-        """Yields the run now and after every change, until it is terminal or the caller goes away."""
+        """Yields the run now and after every change, until it is terminal or the caller goes away.
+
+        Updates come at most every `min_interval` seconds: counting a big run's files
+        on every committed chunk would cost the discovery itself a large share of the database.
+        """
         seen = self._run_changes.version
         last: Run | None = None
         while still_wanted():
@@ -141,3 +152,4 @@ class RunService:
             if run.terminal:
                 return
             seen = self._run_changes.wait(seen, poll)
+            time.sleep(min_interval)
