@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoloader.v1 import file_pb2, run_pb2
@@ -23,6 +24,13 @@ def timestamp_in(message: Timestamp, field: str) -> datetime:
         return message.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument.field(field, "is not a valid timestamp") from None
+
+
+def optional_time(message: Message, field: str) -> datetime | None:
+    """The message's timestamp field, or None when unset."""
+    if not message.HasField(field):
+        return None
+    return timestamp_in(getattr(message, field), field)
 
 
 def trigger_in(value: int) -> Trigger:

@@ -12,8 +12,8 @@ from controlplane.api.convert_runs import (
     attempt_to_proto,
     file_states_in,
     file_to_proto,
+    optional_time,
     run_to_proto,
-    timestamp_in,
     trigger_in,
 )
 from controlplane.domain.errors import InvalidArgument
@@ -83,12 +83,8 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             states=file_states_in(request.states, "states"),
             run_id=run_id,
             path_prefix=request.path_prefix,
-            modified_after=timestamp_in(request.modified_after, "modified_after")
-            if request.HasField("modified_after")
-            else None,
-            modified_before=timestamp_in(request.modified_before, "modified_before")
-            if request.HasField("modified_before")
-            else None,
+            modified_after=optional_time(request, "modified_after"),
+            modified_before=optional_time(request, "modified_before"),
         )
         return file_pb2.ListFilesResponse(files=[file_to_proto(f) for f in files], next_page_token=token)
 
@@ -107,12 +103,8 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             ingestion_id,
             file_ids=file_ids,
             states=file_states_in(request.states, "states"),
-            modified_after=timestamp_in(request.modified_after, "modified_after")
-            if request.HasField("modified_after")
-            else None,
-            modified_before=timestamp_in(request.modified_before, "modified_before")
-            if request.HasField("modified_before")
-            else None,
+            modified_after=optional_time(request, "modified_after"),
+            modified_before=optional_time(request, "modified_before"),
             key=request_key(request, request.request_id),
         )
         return file_pb2.RetryFilesResponse(run=run, files_queued=queued)

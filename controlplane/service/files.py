@@ -13,8 +13,9 @@ from controlplane.domain.paging import next_page_token, page_request
 from controlplane.domain.runs import File, FileAttempt, FileState, Run, Trigger
 from controlplane.service.changes import ChangeFeed
 from controlplane.service.idempotency import commit_once
+from controlplane.service.lookups import require_ingestion, require_run
 from controlplane.service.ports import UnitOfWork
-from controlplane.service.runs import open_run, require_ingestion, require_run
+from controlplane.service.runs import open_run
 
 log = logging.getLogger(__name__)
 

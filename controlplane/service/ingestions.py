@@ -8,13 +8,14 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.domain.errors import EtagMismatch, FailedPrecondition, NotFound, WrongState
+from controlplane.domain.errors import EtagMismatch, FailedPrecondition, WrongState
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import Ingestion, IngestionSpec, IngestionState
 from controlplane.domain.masks import apply_mask
 from controlplane.domain.paging import next_page_token, page_request, parse_state_filter
 from controlplane.domain.validation import check_ingestion_id, validate_spec
 from controlplane.service.idempotency import commit_once
+from controlplane.service.lookups import require_ingestion
 from controlplane.service.ports import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class IngestionService:
 
     def get(self, tenant: str, ingestion_id: str) -> Ingestion:
         with self._uow_factory() as uow:
-            ingestion = _require(uow, tenant, ingestion_id)
+            ingestion = require_ingestion(uow, tenant, ingestion_id)
             return uow.ingestions.with_file_counts([ingestion])[0]
 
     def list(self, tenant: str, page_size: int, page_token: str, filter_: str) -> tuple[list[Ingestion], str]:
@@ -104,7 +105,7 @@ class IngestionService:
         key: RequestKey | None = None,
     ) -> Ingestion:
         def work() -> Ingestion:
-            ingestion = _require(uow, tenant, ingestion_id, for_update=True)
+            ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             _check_etag(ingestion, etag)
             _require_not_deleting(ingestion)
             merged = apply_mask(
@@ -132,7 +133,7 @@ class IngestionService:
         self, tenant: str, ingestion_id: str, etag: str = "", drop_table: bool = False, key: RequestKey | None = None
     ) -> None:
         def work() -> None:
-            ingestion = _require(uow, tenant, ingestion_id, for_update=True)
+            ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             _check_etag(ingestion, etag)
             if drop_table:
                 # The Iceberg catalog arrives with the agent; until then no table
@@ -165,7 +166,7 @@ class IngestionService:
         change: Callable[[Ingestion], None],
     ) -> Ingestion:
         def work() -> Ingestion:
-            ingestion = _require(uow, tenant, ingestion_id, for_update=True)
+            ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             before = ingestion.state
             change(ingestion)
             if ingestion.state is not before:
@@ -178,15 +179,6 @@ class IngestionService:
             result = outcome.result
             log.info("ingestion %s", result.state.value.lower(), extra={"action": action, "ingestion": result.name})
         return outcome.result
-
-
-def _require(uow: UnitOfWork, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion:
-    ingestion = uow.ingestions.get(tenant, ingestion_id, for_update=for_update)
-    if ingestion is None:
-        raise NotFound(
-            f"ingestions/{ingestion_id} does not exist", metadata={"ingestion": f"ingestions/{ingestion_id}"}
-        )
-    return ingestion
 
 
 def _check_etag(ingestion: Ingestion, etag: str) -> None:

@@ -7,13 +7,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from controlplane.domain.errors import FailedPrecondition, NotFound, WrongState
+from controlplane.domain.errors import FailedPrecondition, WrongState
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import Ingestion, IngestionState
 from controlplane.domain.paging import next_page_token, page_request, parse_state_filter
 from controlplane.domain.runs import Run, RunInProgress, RunState, Trigger, new_run_id
 from controlplane.service.changes import ChangeFeed
 from controlplane.service.idempotency import commit_once
+from controlplane.service.lookups import require_ingestion, require_run
 from controlplane.service.ports import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -25,23 +26,6 @@ def _dump(run: Run) -> dict[str, Any]:
 
 def _load(data: dict[str, Any]) -> Run:
     return Run.model_validate(data)
-
-
-def require_ingestion(uow: UnitOfWork, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion:
-    ingestion = uow.ingestions.get(tenant, ingestion_id, for_update=for_update)
-    if ingestion is None:
-        raise NotFound(
-            f"ingestions/{ingestion_id} does not exist", metadata={"ingestion": f"ingestions/{ingestion_id}"}
-        )
-    return ingestion
-
-
-def require_run(uow: UnitOfWork, ingestion: Ingestion, run_id: str, *, for_update: bool = False) -> Run:
-    run = uow.runs.get(ingestion.id, ingestion.ingestion_id, run_id, for_update=for_update)
-    if run is None:
-        name = f"{ingestion.name}/runs/{run_id}"
-        raise NotFound(f"{name} does not exist", metadata={"run": name})
-    return run
 
 
 def open_run(uow: UnitOfWork, ingestion: Ingestion, trigger: Trigger, *, discovering: bool) -> Run:

@@ -1,0 +1,24 @@
+"""Loading the resources a use case acts on, or NOT_FOUND naming them."""
+
+from __future__ import annotations
+
+from controlplane.domain.errors import NotFound
+from controlplane.domain.ingestion import Ingestion
+from controlplane.domain.runs import Run
+from controlplane.service.ports import UnitOfWork
+
+
+def require_ingestion(uow: UnitOfWork, tenant: str, ingestion_id: str, *, for_update: bool = False) -> Ingestion:
+    ingestion = uow.ingestions.get(tenant, ingestion_id, for_update=for_update)
+    if ingestion is None:
+        name = f"ingestions/{ingestion_id}"
+        raise NotFound(f"{name} does not exist", metadata={"ingestion": name})
+    return ingestion
+
+
+def require_run(uow: UnitOfWork, ingestion: Ingestion, run_id: str, *, for_update: bool = False) -> Run:
+    run = uow.runs.get(ingestion.id, ingestion.ingestion_id, run_id, for_update=for_update)
+    if run is None:
+        name = f"{ingestion.name}/runs/{run_id}"
+        raise NotFound(f"{name} does not exist", metadata={"run": name})
+    return run
