@@ -1,13 +1,14 @@
 """`autoloader demo`: the whole path on one machine, with nothing to set up.
 
 Starts the control plane on an embedded PostgreSQL and a free loopback port,
-applies a sample ingestion through the public API (as any client would),
-shows it, and shuts everything down. Running it again finds the ingestion
-already there and leaves it unchanged.
+writes sample files, applies a sample ingestion through the public API (as any
+client would), runs a discovery of the files, shows what it found, and shuts
+everything down. Running it again finds the ingestion already there.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ import grpc
 from autoloader.client import Client
 from autoloader.specfile import parse_spec
 from autoloader.v1 import ingestion_pb2 as pb
+from autoloader.v1 import run_pb2
 
 DEMO_ID = "demo-orders"
 
@@ -41,3 +43,37 @@ def apply_demo(client: Client, state_dir: Path) -> tuple[pb.Ingestion, bool]:
         if exc.code() is not grpc.StatusCode.NOT_FOUND:
             raise
     return client.create_ingestion(demo_spec(state_dir), DEMO_ID), True
+
+
+SAMPLE_FILES = 20
+
+
+def write_sample_files(state_dir: Path) -> Path:
+    """JSON-lines order files under the demo source; each call adds one more, as a live export would."""
+    directory = state_dir / "demo" / "orders"
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(1, SAMPLE_FILES + 1):
+        path = directory / f"orders-{i:04d}.json"
+        if not path.exists():
+            rows = (f'{{"order_id": {i * 100 + n}, "amount": {n * 7 % 50}.5, "sku": "SKU-{n % 5}"}}' for n in range(10))
+            path.write_text("\n".join(rows) + "\n")
+    extra = directory / f"orders-{datetime.now(UTC):%Y%m%d-%H%M%S-%f}.json"
+    extra.write_text('{"order_id": 1, "amount": 1.0, "sku": "SKU-new"}\n')
+    return directory
+
+
+def discover(client: Client, ingestion: pb.Ingestion) -> run_pb2.Run:
+    """Starts a run (cancelling a leftover one from an earlier demo) and waits until its files are discovered."""
+    try:
+        run = client.start_run(ingestion.name)
+    except grpc.RpcError as exc:
+        if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        for active in client.list_runs(ingestion.name, filter="state = RUNNING OR state = DISCOVERING"):
+            client.cancel_run(active.name)
+        run = client.start_run(ingestion.name)
+    for update in client.watch_run(run.name):
+        run = update
+        if run.state != run_pb2.Run.STATE_DISCOVERING:
+            break
+    return run

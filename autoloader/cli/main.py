@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings
 
 from autoloader.cli import files, ingestions, runs
 from autoloader.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, CliError, report_rpc_error
-from autoloader.cli.output import OutputFormat, err_console, show_ingestion, show_ingestions
+from autoloader.cli.output import OutputFormat, err_console, show_ingestion
 from autoloader.client import DEFAULT_ADDRESS, Client
 from autoloader.specfile import SpecError
 
@@ -126,8 +126,9 @@ def demo(
         typer.Option("--state-dir", help="Where the embedded database lives (default ~/.autoloader)."),
     ] = None,
 ) -> None:
-    """Start everything on this machine, create a sample ingestion, show it, and stop."""
-    from autoloader.demo import apply_demo
+    """Start everything on this machine, create a sample ingestion, discover its files, show them, and stop."""
+    from autoloader.cli.output import show_files, show_run
+    from autoloader.demo import apply_demo, discover, write_sample_files
     from controlplane import bootstrap, logs
     from controlplane.config import ControlPlaneSettings
 
@@ -143,10 +144,20 @@ def demo(
             raise CliError(f"control plane did not start: {exc}") from exc
     try:
         with Client(plane.address) as client:
+            source = write_sample_files(settings.state_dir)
             ingestion, created = apply_demo(client, settings.state_dir)
-            err_console.print(f"{'created' if created else 'found existing'} {ingestion.name}")
+            err_console.print(f"{'created' if created else 'found existing'} {ingestion.name} over {source}")
             show_ingestion(ingestion, g.output)
-            show_ingestions(list(client.list_ingestions()), g.output)
+            run = discover(client, ingestion)
+            counts = run.file_counts
+            err_console.print(
+                f"\n{run.name}: queued {counts.total} files (new, changed, or left unprocessed by an earlier run)"
+            )
+            show_run(run, g.output)
+            show_files(list(client.list_files(ingestion.name, run=run.name))[:5], g.output)
+            # No agent loads files yet; cancel so the next demo can start a run of its own.
+            client.cancel_run(run.name)
+            err_console.print("no agent loads files into Iceberg yet (it comes with leasing); run cancelled")
     finally:
         plane.stop()
     err_console.print(f"state kept in {settings.state_dir}; run `autoloader up` to keep the control plane running")
