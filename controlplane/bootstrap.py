@@ -25,6 +25,7 @@ from autoloader.v1 import (
     ingestion_pb2,
     ingestion_pb2_grpc,
     lease_pb2,
+    lease_pb2_grpc,
     run_pb2,
     run_pb2_grpc,
 )
@@ -36,6 +37,7 @@ from controlplane.adapters.unit_of_work import SqlAlchemyUnitOfWork
 from controlplane.api.errors import ErrorInterceptor
 from controlplane.api.health import HealthMonitor
 from controlplane.api.ingestions import IngestionServicer
+from controlplane.api.leases import LeaseServicer
 from controlplane.api.runs import FileServicer, RunServicer
 from controlplane.config import ControlPlaneSettings
 from controlplane.domain.errors import DatabaseUnavailable
@@ -43,6 +45,7 @@ from controlplane.service.changes import ChangeFeed
 from controlplane.service.discovery import DiscoveryLoop, DiscoveryService
 from controlplane.service.files import FileService
 from controlplane.service.ingestions import IngestionService
+from controlplane.service.leases import LeaseService
 from controlplane.service.maintenance import MaintenanceLoop, MaintenanceService
 from controlplane.service.runs import RunService
 
@@ -160,6 +163,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
         runs = RunService(uow_factory, run_changes, discovery_wakeup)
         files = FileService(uow_factory, run_changes)
+        leases = LeaseService(uow_factory, run_changes, ttl=settings.lease_ttl)
         discovery = DiscoveryLoop(
             DiscoveryService(
                 uow_factory,
@@ -178,6 +182,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
         run_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(files), server)
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(leases), server)
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
         try:

@@ -51,5 +51,7 @@ class ControlPlaneSettings(BaseSettings):
     # Source credentials by name (credentials_ref -> fsspec storage options), as JSON:
     # AUTOLOADER_CREDENTIALS='{"shop": {"key": "...", "secret": "..."}}'. Never returned by the API.
     credentials: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
+    # How long a lease lasts without an extension; agents extend at a third of it.
+    lease_ttl: Duration = timedelta(seconds=60)
     log_format: str = "text"
     log_level: str = "INFO"

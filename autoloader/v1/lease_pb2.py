@@ -22,42 +22,49 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from autoloader.v1 import file_pb2 as autoloader_dot_v1_dot_file__pb2
 from autoloader.v1 import ingestion_pb2 as autoloader_dot_v1_dot_ingestion__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utoloader/v1/lease.proto\x12\rautoloader.v1\x1a\x1d\x61utoloader/v1/ingestion.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\nLeasedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x31\n\rmodified_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0b\n\x03run\x18\x07 \x01(\t\"\x84\x01\n\x11LeaseFilesRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tmax_files\x18\x02 \x01(\x05\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tingestion\x18\x05 \x01(\t\"\x90\x01\n\x12LeaseFilesResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.autoloader.v1.LeasedFile\x12+\n\tingestion\x18\x03 \x01(\x0b\x32\x18.autoloader.v1.Ingestion\"2\n\x12\x45xtendLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\":\n\x13\x45xtendLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\"C\n\x0f\x46ileErrorDetail\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xb5\x02\n\x17ReportFileResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12?\n\x07outcome\x18\x05 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12-\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\"e\n\x18ReportFileResultResponse\x12\x12\n\nfile_state\x18\x01 \x01(\t\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x13ReleaseLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\".\n\x14ReleaseLeaseResponse\x12\x16\n\x0e\x66iles_released\x18\x01 \x01(\x03\x32\xf5\x02\n\x0cLeaseService\x12Q\n\nLeaseFiles\x12 .autoloader.v1.LeaseFilesRequest\x1a!.autoloader.v1.LeaseFilesResponse\x12T\n\x0b\x45xtendLease\x12!.autoloader.v1.ExtendLeaseRequest\x1a\".autoloader.v1.ExtendLeaseResponse\x12\x63\n\x10ReportFileResult\x12&.autoloader.v1.ReportFileResultRequest\x1a\'.autoloader.v1.ReportFileResultResponse\x12W\n\x0cReleaseLease\x12\".autoloader.v1.ReleaseLeaseRequest\x1a#.autoloader.v1.ReleaseLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utoloader/v1/lease.proto\x12\rautoloader.v1\x1a\x18\x61utoloader/v1/file.proto\x1a\x1d\x61utoloader/v1/ingestion.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ractive_leases\x18\x05 \x01(\x05\x12\x14\n\x0cleased_files\x18\x06 \x01(\x03\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.autoloader.v1.Agent\"\x8c\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\nLeasedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x31\n\rmodified_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0b\n\x03run\x18\x07 \x01(\t\"\x84\x01\n\x11LeaseFilesRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tmax_files\x18\x02 \x01(\x05\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tingestion\x18\x05 \x01(\t\"\x90\x01\n\x12LeaseFilesResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.autoloader.v1.LeasedFile\x12+\n\tingestion\x18\x03 \x01(\x0b\x32\x18.autoloader.v1.Ingestion\"2\n\x12\x45xtendLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\":\n\x13\x45xtendLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\"C\n\x0f\x46ileErrorDetail\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xb5\x02\n\x17ReportFileResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12?\n\x07outcome\x18\x05 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12-\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\"\x80\x01\n\x18ReportFileResultResponse\x12-\n\nfile_state\x18\x01 \x01(\x0e\x32\x19.autoloader.v1.File.State\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x13ReleaseLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\".\n\x14ReleaseLeaseResponse\x12\x16\n\x0e\x66iles_released\x18\x01 \x01(\x03\x32\xc8\x03\n\x0cLeaseService\x12Q\n\nLeaseFiles\x12 .autoloader.v1.LeaseFilesRequest\x1a!.autoloader.v1.LeaseFilesResponse\x12T\n\x0b\x45xtendLease\x12!.autoloader.v1.ExtendLeaseRequest\x1a\".autoloader.v1.ExtendLeaseResponse\x12\x63\n\x10ReportFileResult\x12&.autoloader.v1.ReportFileResultRequest\x1a\'.autoloader.v1.ReportFileResultResponse\x12W\n\x0cReleaseLease\x12\".autoloader.v1.ReleaseLeaseRequest\x1a#.autoloader.v1.ReleaseLeaseResponse\x12Q\n\nListAgents\x12 .autoloader.v1.ListAgentsRequest\x1a!.autoloader.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoloader.v1.lease_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASE']._serialized_start=141
-  _globals['_LEASE']._serialized_end=281
-  _globals['_LEASEDFILE']._serialized_start=284
-  _globals['_LEASEDFILE']._serialized_end=439
-  _globals['_LEASEFILESREQUEST']._serialized_start=442
-  _globals['_LEASEFILESREQUEST']._serialized_end=574
-  _globals['_LEASEFILESRESPONSE']._serialized_start=577
-  _globals['_LEASEFILESRESPONSE']._serialized_end=721
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=723
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=773
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=775
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=833
-  _globals['_FILEERRORDETAIL']._serialized_start=835
-  _globals['_FILEERRORDETAIL']._serialized_end=902
-  _globals['_REPORTFILERESULTREQUEST']._serialized_start=905
-  _globals['_REPORTFILERESULTREQUEST']._serialized_end=1214
-  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_start=1137
-  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_end=1214
-  _globals['_REPORTFILERESULTRESPONSE']._serialized_start=1216
-  _globals['_REPORTFILERESULTRESPONSE']._serialized_end=1317
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1319
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1385
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1387
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1433
-  _globals['_LEASESERVICE']._serialized_start=1436
-  _globals['_LEASESERVICE']._serialized_end=1809
+  _globals['_AGENT']._serialized_start=167
+  _globals['_AGENT']._serialized_end=352
+  _globals['_LISTAGENTSREQUEST']._serialized_start=354
+  _globals['_LISTAGENTSREQUEST']._serialized_end=373
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=375
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=433
+  _globals['_LEASE']._serialized_start=436
+  _globals['_LEASE']._serialized_end=576
+  _globals['_LEASEDFILE']._serialized_start=579
+  _globals['_LEASEDFILE']._serialized_end=734
+  _globals['_LEASEFILESREQUEST']._serialized_start=737
+  _globals['_LEASEFILESREQUEST']._serialized_end=869
+  _globals['_LEASEFILESRESPONSE']._serialized_start=872
+  _globals['_LEASEFILESRESPONSE']._serialized_end=1016
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1018
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1068
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1070
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1128
+  _globals['_FILEERRORDETAIL']._serialized_start=1130
+  _globals['_FILEERRORDETAIL']._serialized_end=1197
+  _globals['_REPORTFILERESULTREQUEST']._serialized_start=1200
+  _globals['_REPORTFILERESULTREQUEST']._serialized_end=1509
+  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_start=1432
+  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_end=1509
+  _globals['_REPORTFILERESULTRESPONSE']._serialized_start=1512
+  _globals['_REPORTFILERESULTRESPONSE']._serialized_end=1640
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1642
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1708
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1710
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1756
+  _globals['_LEASESERVICE']._serialized_start=1759
+  _globals['_LEASESERVICE']._serialized_end=2215
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from autoloader.v1 import file_pb2 as _file_pb2
 from autoloader.v1 import ingestion_pb2 as _ingestion_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -21,6 +22,84 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class Agent(_message.Message):
+    """A worker that leases files."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    ACTIVE_LEASES_FIELD_NUMBER: _builtins.int
+    LEASED_FILES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"agents/{agent}"."""
+    hostname: _builtins.str
+    active_leases: _builtins.int
+    """Unexpired leases it holds."""
+    leased_files: _builtins.int
+    """Files it holds under those leases."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """Last call from this agent."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        active_leases: _builtins.int = ...,
+        leased_files: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_leases", b"active_leases", "create_time", b"create_time", "hostname", b"hostname", "last_seen_time", b"last_seen_time", "leased_files", b"leased_files", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
 class Lease(_message.Message):
@@ -317,14 +396,16 @@ class ReportFileResultResponse(_message.Message):
 
     FILE_STATE_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
-    file_state: _builtins.str
-    """The file's state after the report, e.g. STATE_SUCCEEDED or STATE_FAILED."""
+    file_state: _file_pb2.File.State.ValueType
+    """The file's state after the report: SUCCEEDED, FAILED (retried at
+    next_attempt_time) or QUARANTINED.
+    """
     @_builtins.property
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
-        file_state: _builtins.str = ...,
+        file_state: _file_pb2.File.State.ValueType = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time"]  # noqa: Y015

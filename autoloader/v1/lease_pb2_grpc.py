@@ -55,6 +55,11 @@ class LeaseServiceStub:
                 request_serializer=autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/autoloader.v1.LeaseService/ListAgents',
+                request_serializer=autoloader_dot_v1_dot_lease__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=autoloader_dot_v1_dot_lease__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
 
 
 class LeaseServiceServicer:
@@ -89,6 +94,13 @@ class LeaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """Agents known to the control plane, with their last contact and active leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=autoloader_dot_v1_dot_lease__pb2.ListAgentsRequest.FromString,
+                    response_serializer=autoloader_dot_v1_dot_lease__pb2.ListAgentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class LeaseService:
             '/autoloader.v1.LeaseService/ReleaseLease',
             autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.SerializeToString,
             autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoloader.v1.LeaseService/ListAgents',
+            autoloader_dot_v1_dot_lease__pb2.ListAgentsRequest.SerializeToString,
+            autoloader_dot_v1_dot_lease__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,8 @@ class LeaseServiceStub:
     """Records one file's result, committed before the reply."""
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]
     """Returns unprocessed files without spending an attempt."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ListAgentsRequest, _lease_pb2.ListAgentsResponse]
+    """Agents known to the control plane, with their last contact and active leases."""
 
 @_typing.type_check_only
 class LeaseServiceAsyncStub(LeaseServiceStub):
@@ -55,6 +57,8 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     """Records one file's result, committed before the reply."""
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
     """Returns unprocessed files without spending an attempt."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_lease_pb2.ListAgentsRequest, _lease_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """Agents known to the control plane, with their last contact and active leases."""
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
     """Used by agents: lease batches of files, keep leases alive, report results."""
@@ -90,5 +94,13 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ReleaseLeaseResponse, _abc.Awaitable[_lease_pb2.ReleaseLeaseResponse]]:
         """Returns unprocessed files without spending an attempt."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _lease_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lease_pb2.ListAgentsResponse, _abc.Awaitable[_lease_pb2.ListAgentsResponse]]:
+        """Agents known to the control plane, with their last contact and active leases."""
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -255,5 +255,19 @@ class SqlRunRepository:
         self._freeze_counts(run_pk)
         return True
 
+    def fail(self, run_pk: uuid.UUID, reason: str) -> bool:
+        """Ends an active run as FAILED (error policy FAIL_RUN); its open files are skipped."""
+        done = self._session.execute(
+            update(RunRow)
+            .where(RunRow.id == run_pk, RunRow.state.in_([RunState.DISCOVERING, RunState.RUNNING]))
+            .values(state=RunState.FAILED, error=reason, end_time=func.now())
+            .returning(RunRow.id)
+        ).first()
+        if done is None:
+            return False
+        self._skip_open_files(run_pk)
+        self._freeze_counts(run_pk)
+        return True
+
     def set_last_run(self, ingestion_pk: uuid.UUID, run_id: str) -> None:
         self._session.execute(update(IngestionRow).where(IngestionRow.id == ingestion_pk).values(last_run_id=run_id))

@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from controlplane.adapters.file_repository import SqlFileRepository
+from controlplane.adapters.lease_repository import SqlLeaseRepository
 from controlplane.adapters.repositories import SqlIdempotencyRepository, SqlIngestionRepository
 from controlplane.adapters.run_repository import SqlRunRepository
 from controlplane.domain.errors import DatabaseUnavailable
@@ -24,6 +25,7 @@ class SqlAlchemyUnitOfWork:
     idempotency: SqlIdempotencyRepository
     runs: SqlRunRepository
     files: SqlFileRepository
+    leases: SqlLeaseRepository
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
@@ -35,6 +37,7 @@ class SqlAlchemyUnitOfWork:
         self.idempotency = SqlIdempotencyRepository(self._session)
         self.runs = SqlRunRepository(self._session)
         self.files = SqlFileRepository(self._session)
+        self.leases = SqlLeaseRepository(self._session)
         return self
 
     def __exit__(

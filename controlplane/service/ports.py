@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from controlplane.domain.ingestion import Ingestion, IngestionState
+from controlplane.domain.leases import Lease, LeasedFile
 from controlplane.domain.runs import File, FileAttempt, FileState, ListedFile, Run, RunState
 
 
@@ -84,6 +85,8 @@ class RunRepository(Protocol):
 
     def set_last_run(self, ingestion_pk: uuid.UUID, run_id: str) -> None: ...
 
+    def fail(self, run_pk: uuid.UUID, reason: str) -> bool: ...
+
 
 class FileRepository(Protocol):
     def upsert_discovered(self, ingestion_pk: uuid.UUID, run_pk: uuid.UUID, files: Sequence[ListedFile]) -> int: ...
@@ -121,6 +124,52 @@ class FileRepository(Protocol):
     def attempts(self, file_pk: int) -> list[FileAttempt]: ...
 
 
+class LeaseRepository(Protocol):
+    def touch_agent(self, agent_id: str, tenant: str, hostname: str) -> None: ...
+
+    def claimable_ingestions(self, tenant: str, only: str | None) -> list[tuple[uuid.UUID, str]]: ...
+
+    def quarantine_lease_killers(self, ingestion_pk: uuid.UUID, max_expiries: int) -> set[uuid.UUID]: ...
+
+    def claim(
+        self,
+        lease_id: uuid.UUID,
+        agent_id: str,
+        ingestion_pk: uuid.UUID,
+        ingestion_id: str,
+        *,
+        max_files: int,
+        max_bytes: int,
+        ttl: timedelta,
+        max_expiries: int,
+    ) -> tuple[Lease, list[LeasedFile]] | None: ...
+
+    def get(self, lease_id: uuid.UUID) -> Lease | None: ...
+
+    def extend(self, lease_id: uuid.UUID, ttl: timedelta) -> datetime | None: ...
+
+    def record_result(
+        self,
+        lease: Lease,
+        file_id: int,
+        attempt: int,
+        *,
+        new_state: FileState,
+        records: int,
+        size: int,
+        error_type: str,
+        error_message: str,
+        retryable: bool,
+        next_attempt_at: datetime | None,
+    ) -> uuid.UUID | None: ...
+
+    def recorded_result(self, lease_id: uuid.UUID, file_id: int, attempt: int) -> Any | None: ...
+
+    def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]: ...
+
+    def list_agents(self, tenant: str) -> list[Any]: ...
+
+
 class UnitOfWork(Protocol):
     # Read-only properties, so implementations may hold concrete repository types.
     @property
@@ -131,6 +180,9 @@ class UnitOfWork(Protocol):
 
     @property
     def files(self) -> FileRepository: ...
+
+    @property
+    def leases(self) -> LeaseRepository: ...
 
     @property
     def idempotency(self) -> IdempotencyRepository: ...

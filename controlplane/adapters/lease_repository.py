@@ -1,0 +1,323 @@
+"""Leases: batch claims with FOR UPDATE SKIP LOCKED, extensions, fenced results, releases.
+
+Never commits or rolls back (the service owns the transaction). Every write
+by a lease holder is fenced on (lease, attempt, state LEASED): a holder whose
+lease expired and was taken over changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from controlplane.adapters.orm import AgentRow, FileAttemptRow, FileRow, LeaseRow
+from controlplane.domain.leases import Lease, LeasedFile
+from controlplane.domain.runs import FileState
+
+_CLAIMABLE = """
+    (f.state = 'PENDING'
+     OR (f.state = 'FAILED' AND f.next_attempt_at <= now())
+     OR (f.state = 'LEASED' AND f.lease_expire_time < now()))
+"""
+_ACTIVE_RUN = "JOIN runs r ON r.id = f.run_pk AND r.state IN ('DISCOVERING', 'RUNNING')"
+
+# Ingestions with claimable work, the least busy first (fair across ingestions), ties at random.
+_PICK_INGESTIONS = text(
+    f"""
+    SELECT i.id, i.ingestion_id FROM ingestions i
+    WHERE i.tenant = :tenant AND i.state = 'ACTIVE'
+      AND (CAST(:only AS text) IS NULL OR i.ingestion_id = :only)
+      AND EXISTS (SELECT 1 FROM files f {_ACTIVE_RUN} WHERE f.ingestion_pk = i.id AND {_CLAIMABLE})
+    ORDER BY (SELECT count(*) FROM files f WHERE f.ingestion_pk = i.id AND f.state = 'LEASED'), random()
+    LIMIT 3
+    """
+)
+
+# One statement: lock up to :max_files claimable files oldest-first (skipping rows another
+# claimer holds), keep as many as fit in :max_bytes (at least one), lease them.
+_CLAIM = text(
+    f"""
+    WITH picked AS MATERIALIZED (
+        SELECT f.id, f.size_bytes, f.state AS old_state, f.lease_pk AS old_lease,
+               f.next_attempt_at, f.lease_expiries
+        FROM files f {_ACTIVE_RUN}
+        WHERE f.ingestion_pk = :ingestion AND {_CLAIMABLE}
+        ORDER BY f.next_attempt_at, f.id
+        LIMIT :max_files
+        FOR UPDATE OF f SKIP LOCKED
+    ),
+    sized AS (
+        SELECT *, sum(size_bytes) OVER (ORDER BY next_attempt_at, id ROWS UNBOUNDED PRECEDING) - size_bytes
+                  AS bytes_before
+        FROM picked
+    ),
+    chosen AS (
+        SELECT * FROM sized
+        WHERE (bytes_before < :max_bytes OR bytes_before = 0)
+          -- a file whose leases keep expiring is quarantined below, not leased again
+          AND NOT (old_state = 'LEASED' AND lease_expiries + 1 >= :max_expiries)
+    )
+    UPDATE files f SET
+        state = 'LEASED', lease_pk = :lease, lease_expire_time = now() + :ttl, update_time = now(),
+        -- an expired lease is a crash, not the file's fault: it costs no attempt
+        attempts = CASE WHEN c.old_state = 'LEASED' THEN f.attempts ELSE f.attempts + 1 END,
+        lease_expiries = CASE WHEN c.old_state = 'LEASED' THEN f.lease_expiries + 1 ELSE f.lease_expiries END
+    FROM chosen c
+    WHERE f.id = c.id
+    RETURNING f.id, f.path, f.size_bytes, f.etag, f.modified_time, f.attempts, f.run_pk,
+              c.old_state, c.old_lease
+    """
+)
+
+# Files whose leases expired too often: quarantined, with the expiry recorded.
+_QUARANTINE_KILLERS = text(
+    """
+    UPDATE files f SET state = 'QUARANTINED', lease_expiries = f.lease_expiries + 1,
+        last_error = 'lease expired ' || (f.lease_expiries + 1) || ' times: the file may crash its agents',
+        lease_pk = NULL, lease_expire_time = NULL, update_time = now()
+    WHERE f.ingestion_pk = :ingestion AND f.state = 'LEASED' AND f.lease_expire_time < now()
+      AND f.lease_expiries + 1 >= :max_expiries
+    RETURNING f.id, f.attempts, f.run_pk, f.lease_pk
+    """
+)
+
+
+class SqlLeaseRepository:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def touch_agent(self, agent_id: str, tenant: str, hostname: str) -> None:
+        self._session.execute(
+            pg_insert(AgentRow)
+            .values(id=agent_id, tenant=tenant, hostname=hostname)
+            .on_conflict_do_update(index_elements=["id"], set_={"last_seen_time": func.now()})
+        )
+
+    def claimable_ingestions(self, tenant: str, only: str | None) -> list[tuple[uuid.UUID, str]]:
+        rows = self._session.execute(_PICK_INGESTIONS, {"tenant": tenant, "only": only}).all()
+        return [(row.id, row.ingestion_id) for row in rows]
+
+    def quarantine_lease_killers(self, ingestion_pk: uuid.UUID, max_expiries: int) -> set[uuid.UUID]:
+        """Returns the runs whose files were quarantined (they may be done now)."""
+        rows = self._session.execute(
+            _QUARANTINE_KILLERS, {"ingestion": ingestion_pk, "max_expiries": max_expiries}
+        ).all()
+        if rows:
+            self._session.execute(
+                insert(FileAttemptRow),
+                [
+                    {
+                        "file_pk": r.id,
+                        "attempt": r.attempts,
+                        "outcome": "LEASE_EXPIRED",
+                        "error_type": "LeaseExpired",
+                        "error_message": "lease expired; quarantined after repeated expiries",
+                    }
+                    for r in rows
+                ],
+            )
+        return {r.run_pk for r in rows if r.run_pk is not None}
+
+    def claim(
+        self,
+        lease_id: uuid.UUID,
+        agent_id: str,
+        ingestion_pk: uuid.UUID,
+        ingestion_id: str,
+        *,
+        max_files: int,
+        max_bytes: int,
+        ttl: timedelta,
+        max_expiries: int,
+    ) -> tuple[Lease, list[LeasedFile]] | None:
+        rows = self._session.execute(
+            _CLAIM,
+            {
+                "ingestion": ingestion_pk, "lease": lease_id, "max_files": max_files, "max_bytes": max_bytes,
+                "ttl": ttl, "max_expiries": max_expiries,
+            },
+        ).all()  # fmt: skip
+        if not rows:
+            return None
+        expired = [r for r in rows if r.old_state == FileState.LEASED]
+        if expired:
+            self._record_expiries([(r.id, r.attempts, r.old_lease) for r in expired])
+        row = self._session.execute(
+            insert(LeaseRow)
+            .values(
+                id=lease_id, agent_id=agent_id, ingestion_pk=ingestion_pk, state="ACTIVE",
+                expire_time=func.now() + ttl,
+            )
+            .returning(LeaseRow.expire_time)
+        ).one()  # fmt: skip
+        run_ids: dict[uuid.UUID, str] = dict(
+            self._session.execute(
+                text("SELECT id, run_id FROM runs WHERE id = ANY(:ids)"), {"ids": list({r.run_pk for r in rows})}
+            ).all()
+        )
+        files = [
+            LeasedFile(
+                id=r.id, ingestion_id=ingestion_id, run_id=run_ids[r.run_pk], path=r.path, size_bytes=r.size_bytes,
+                etag=r.etag, modified_time=r.modified_time, attempt=r.attempts,
+            )
+            for r in sorted(rows, key=lambda r: r.id)
+        ]  # fmt: skip
+        return Lease(lease_id, agent_id, ingestion_pk, row.expire_time, ttl), files
+
+    def _record_expiries(self, expired: list[tuple[int, int, uuid.UUID | None]]) -> None:
+        agents = dict(
+            self._session.execute(
+                select(LeaseRow.id, LeaseRow.agent_id).where(LeaseRow.id.in_([lease for _, _, lease in expired]))
+            ).all()
+        )
+        self._session.execute(
+            insert(FileAttemptRow),
+            [
+                {
+                    "file_pk": file_id,
+                    "attempt": attempt,
+                    "agent_id": agents.get(lease) if lease else None,
+                    "lease_pk": lease,
+                    "outcome": "LEASE_EXPIRED",
+                    "error_type": "LeaseExpired",
+                    "error_message": "lease expired",
+                }
+                for file_id, attempt, lease in expired
+            ],
+        )
+
+    def get(self, lease_id: uuid.UUID) -> Lease | None:
+        row = self._session.get(LeaseRow, lease_id)
+        if row is None:
+            return None
+        return Lease(row.id, row.agent_id, row.ingestion_pk, row.expire_time, row.expire_time - row.create_time)
+
+    def extend(self, lease_id: uuid.UUID, ttl: timedelta) -> datetime | None:
+        """New expiry for the files still held; None if any file of the lease was taken over."""
+        taken = self._session.execute(
+            select(func.count())
+            .select_from(FileAttemptRow)
+            .where(FileAttemptRow.lease_pk == lease_id, FileAttemptRow.outcome == "LEASE_EXPIRED")
+        ).scalar_one()
+        if taken:
+            return None
+        self._session.execute(
+            update(FileRow)
+            .where(FileRow.lease_pk == lease_id, FileRow.state == FileState.LEASED)
+            .values(lease_expire_time=func.now() + ttl)
+        )
+        return self._session.execute(
+            update(LeaseRow)
+            .where(LeaseRow.id == lease_id)
+            .values(expire_time=func.now() + ttl)
+            .returning(LeaseRow.expire_time)
+        ).scalar_one()
+
+    def record_result(
+        self,
+        lease: Lease,
+        file_id: int,
+        attempt: int,
+        *,
+        new_state: FileState,
+        records: int,
+        size: int,
+        error_type: str,
+        error_message: str,
+        retryable: bool,
+        next_attempt_at: datetime | None,
+    ) -> uuid.UUID | None:
+        """The fenced update; returns the file's run, or None if the lease no longer holds it."""
+        values: dict[str, Any] = {
+            "state": new_state, "lease_pk": None, "lease_expire_time": None, "update_time": func.now(),
+            "last_error": f"{error_type}: {error_message}" if error_message else "",
+        }  # fmt: skip
+        if new_state is FileState.SUCCEEDED:
+            values["records"] = records
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+        run_pk = self._session.execute(
+            update(FileRow)
+            .where(
+                FileRow.id == file_id,
+                FileRow.lease_pk == lease.id,
+                FileRow.attempts == attempt,
+                FileRow.state == FileState.LEASED,
+            )
+            .values(**values)
+            .returning(FileRow.run_pk)
+        ).scalar_one_or_none()
+        if run_pk is None:
+            return None
+        created = self._session.execute(select(LeaseRow.create_time).where(LeaseRow.id == lease.id)).scalar_one()
+        self._session.execute(
+            insert(FileAttemptRow).values(
+                file_pk=file_id, attempt=attempt, agent_id=lease.agent_id, lease_pk=lease.id,
+                outcome="SUCCEEDED" if new_state is FileState.SUCCEEDED else "FAILED",
+                start_time=created, records=records, bytes=size, error_type=error_type,
+                error_message=error_message, retryable=retryable,
+            )
+        )  # fmt: skip
+        return run_pk
+
+    def recorded_result(self, lease_id: uuid.UUID, file_id: int, attempt: int) -> Any | None:
+        return self._session.execute(
+            select(FileAttemptRow).where(
+                FileAttemptRow.lease_pk == lease_id,
+                FileAttemptRow.file_pk == file_id,
+                FileAttemptRow.attempt == attempt,
+                FileAttemptRow.outcome.in_(["SUCCEEDED", "FAILED"]),
+            )
+        ).scalar_one_or_none()
+
+    def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]:
+        """Unreported files back to PENDING, their attempt refunded; returns their runs."""
+        query = update(FileRow).where(FileRow.lease_pk == lease.id, FileRow.state == FileState.LEASED)
+        if file_ids:
+            query = query.where(FileRow.id.in_(file_ids))
+        rows = self._session.execute(
+            query.values(
+                state=FileState.PENDING, lease_pk=None, lease_expire_time=None, attempts=FileRow.attempts - 1,
+                update_time=func.now(),
+            ).returning(FileRow.id, FileRow.attempts, FileRow.run_pk)
+        ).all()  # fmt: skip
+        if rows:
+            self._session.execute(
+                insert(FileAttemptRow),
+                [
+                    {
+                        "file_pk": r.id,
+                        "attempt": r.attempts + 1,
+                        "agent_id": lease.agent_id,
+                        "lease_pk": lease.id,
+                        "outcome": "RELEASED",
+                    }
+                    for r in rows
+                ],
+            )
+        if not file_ids:
+            self._session.execute(update(LeaseRow).where(LeaseRow.id == lease.id).values(state="RELEASED"))
+        return [r.run_pk for r in rows]
+
+    def list_agents(self, tenant: str) -> list[Any]:
+        return list(
+            self._session.execute(
+                text(
+                    """
+                    SELECT a.id, a.hostname, a.create_time, a.last_seen_time,
+                           (SELECT count(DISTINCT f.lease_pk) FROM files f JOIN leases l ON l.id = f.lease_pk
+                             WHERE l.agent_id = a.id AND f.state = 'LEASED' AND f.lease_expire_time > now())
+                              AS active_leases,
+                           (SELECT count(*) FROM files f JOIN leases l ON l.id = f.lease_pk
+                             WHERE l.agent_id = a.id AND f.state = 'LEASED') AS leased_files
+                    FROM agents a WHERE a.tenant = :tenant ORDER BY a.id
+                    """
+                ),
+                {"tenant": tenant},
+            ).all()
+        )

@@ -1,0 +1,66 @@
+"""Leases: who holds which files until when, and what a reported result does to a file."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from controlplane.domain.errors import FailedPrecondition, PermissionDenied
+from controlplane.domain.runs import FileState
+
+# A file whose leases keep expiring (it kills its agents) is quarantined after this many.
+MAX_LEASE_EXPIRIES = 3
+
+
+class LeaseLost(FailedPrecondition):
+    """The lease expired and its files were taken over, or the file is no longer held by it."""
+
+    reason = "LEASE_LOST"
+
+
+class LeaseNotOwned(PermissionDenied):
+    """The lease belongs to another agent."""
+
+    reason = "LEASE_NOT_OWNED"
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: uuid.UUID
+    agent_id: str
+    ingestion_pk: uuid.UUID
+    expire_time: datetime
+    ttl: timedelta
+
+    @property
+    def name(self) -> str:
+        return f"leases/{self.id}"
+
+    @property
+    def heartbeat_interval(self) -> timedelta:
+        return self.ttl / 3
+
+
+@dataclass(frozen=True)
+class LeasedFile:
+    id: int
+    ingestion_id: str
+    run_id: str
+    path: str
+    size_bytes: int
+    etag: str
+    modified_time: datetime | None
+    attempt: int
+
+
+def retry_delay(attempt: int, initial: timedelta, maximum: timedelta, rng: random.Random | None = None) -> timedelta:
+    """Exponential backoff with full jitter in its upper half: initial * 2^(attempt-1), capped, times [0.5, 1)."""
+    base: timedelta = min(initial * (2 ** max(attempt - 1, 0)), maximum)
+    jitter: float = 0.5 + 0.5 * (rng or random).random()
+    return base * jitter
+
+
+def state_after_failure(attempt: int, max_attempts: int, retryable: bool) -> FileState:
+    return FileState.FAILED if retryable and attempt < max_attempts else FileState.QUARANTINED
