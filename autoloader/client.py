@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from autoloader.v1 import file_pb2, file_pb2_grpc, ingestion_pb2_grpc, run_pb2, run_pb2_grpc
+from autoloader.v1 import file_pb2, file_pb2_grpc, ingestion_pb2_grpc, lease_pb2, lease_pb2_grpc, run_pb2, run_pb2_grpc
 from autoloader.v1 import ingestion_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -44,6 +44,7 @@ class Client:
         self.ingestions = ingestion_pb2_grpc.IngestionServiceStub(self._channel)
         self.runs = run_pb2_grpc.RunServiceStub(self._channel)
         self.files = file_pb2_grpc.FileServiceStub(self._channel)
+        self.leases = lease_pb2_grpc.LeaseServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -209,6 +210,12 @@ class Client:
     def list_file_attempts(self, file: str) -> list[file_pb2.FileAttempt]:
         request = file_pb2.ListFileAttemptsRequest(file=file_name(file))
         return list(self._call(self.files.ListFileAttempts, request).attempts)
+
+    # Agents
+
+    def list_agents(self) -> list[lease_pb2.Agent]:
+        """Agents known to the control plane, with their last contact and the leases they hold."""
+        return list(self._call(self.leases.ListAgents, lease_pb2.ListAgentsRequest()).agents)
 
 
 def ingestion_name(name_or_id: str) -> str:

@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from autoloader.cli import files, ingestions, runs
+from autoloader.cli import agents, files, ingestions, runs
 from autoloader.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, CliError, report_rpc_error
 from autoloader.cli.output import OutputFormat, err_console, show_ingestion
 from autoloader.client import DEFAULT_ADDRESS, Client
@@ -29,6 +29,7 @@ app = typer.Typer(
 app.add_typer(ingestions.app, name="ingestions")
 app.add_typer(runs.app, name="runs")
 app.add_typer(files.app, name="files")
+app.add_typer(agents.app, name="agents")
 
 
 # The address the current command talks to, for error messages raised outside it.

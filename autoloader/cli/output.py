@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from autoloader.v1 import file_pb2, run_pb2
+from autoloader.v1 import file_pb2, lease_pb2, run_pb2
 from autoloader.v1 import ingestion_pb2 as pb
 
 console = Console(highlight=False, soft_wrap=True)
@@ -261,3 +261,29 @@ def show_attempts(attempts: Sequence[file_pb2.FileAttempt], fmt: OutputFormat) -
             err_console.print("no attempts")
     else:
         emit({"attempts": [as_dict(a) for a in attempts]}, fmt)
+
+
+# Agents
+
+
+def agent_rows(agents: Sequence[lease_pb2.Agent]) -> Table:
+    table = _rows_table("NAME", "HOST", "LAST SEEN", "LEASES", "FILES")
+    for a in agents:
+        table.add_row(
+            a.name.removeprefix("agents/"),
+            a.hostname or "-",
+            _when(a, "last_seen_time"),
+            str(a.active_leases),
+            str(a.leased_files),
+        )
+    return table
+
+
+def show_agents(agents: Sequence[lease_pb2.Agent], fmt: OutputFormat) -> None:
+    if fmt is OutputFormat.table:
+        if agents:
+            console.print(agent_rows(agents))
+        else:
+            err_console.print("no agents")
+    else:
+        emit({"agents": [as_dict(a) for a in agents]}, fmt)

@@ -153,7 +153,7 @@ class SqlLeaseRepository:
                 id=lease_id, agent_id=agent_id, ingestion_pk=ingestion_pk, state="ACTIVE",
                 expire_time=func.now() + ttl,
             )
-            .returning(LeaseRow.expire_time)
+            .returning(LeaseRow.expire_time, LeaseRow.create_time)
         ).one()  # fmt: skip
         run_ids: dict[uuid.UUID, str] = dict(
             self._session.execute(
@@ -167,7 +167,7 @@ class SqlLeaseRepository:
             )
             for r in sorted(rows, key=lambda r: r.id)
         ]  # fmt: skip
-        return Lease(lease_id, agent_id, ingestion_pk, row.expire_time, ttl), files
+        return Lease(lease_id, agent_id, ingestion_pk, row.expire_time, ttl, row.create_time), files
 
     def _record_expiries(self, expired: list[tuple[int, int, uuid.UUID | None]]) -> None:
         agents = dict(
@@ -195,7 +195,8 @@ class SqlLeaseRepository:
         row = self._session.get(LeaseRow, lease_id)
         if row is None:
             return None
-        return Lease(row.id, row.agent_id, row.ingestion_pk, row.expire_time, row.expire_time - row.create_time)
+        return Lease(row.id, row.agent_id, row.ingestion_pk, row.expire_time, row.expire_time - row.create_time,
+                     row.create_time)  # fmt: skip
 
     def extend(self, lease_id: uuid.UUID, ttl: timedelta) -> datetime | None:
         """New expiry for the files still held; None if any file of the lease was taken over."""
@@ -254,12 +255,11 @@ class SqlLeaseRepository:
         ).scalar_one_or_none()
         if run_pk is None:
             return None
-        created = self._session.execute(select(LeaseRow.create_time).where(LeaseRow.id == lease.id)).scalar_one()
         self._session.execute(
             insert(FileAttemptRow).values(
                 file_pk=file_id, attempt=attempt, agent_id=lease.agent_id, lease_pk=lease.id,
                 outcome="SUCCEEDED" if new_state is FileState.SUCCEEDED else "FAILED",
-                start_time=created, records=records, bytes=size, error_type=error_type,
+                start_time=lease.create_time, records=records, bytes=size, error_type=error_type,
                 error_message=error_message, retryable=retryable,
             )
         )  # fmt: skip

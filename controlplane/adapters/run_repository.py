@@ -222,9 +222,18 @@ class SqlRunRepository:
     def finalize_if_done(self, run_pk: uuid.UUID) -> RunState | None:
         """Ends a RUNNING run that has no open file left; exactly one caller wins.
 
-        The run row is locked first, so a concurrent retry that adds files to
-        this run, or a concurrent last report, serializes with us.
+        Callers that just closed a file call this after committing, in a new
+        transaction, so that of two concurrent last reports the later one sees
+        both. The run row is locked before counting, so a concurrent retry that
+        adds files to the run serializes with us; the update is conditional.
         """
+        # Cheap first: while any file is open (the common case) neither lock nor count.
+        if self._session.execute(
+            select(FileRow.id)
+            .where(FileRow.run_pk == run_pk, FileRow.state.in_([s.value for s in OPEN_FILE_STATES]))
+            .limit(1)
+        ).first():
+            return None
         locked = self._session.execute(
             select(RunRow.id).where(RunRow.id == run_pk, RunRow.state == RunState.RUNNING).with_for_update()
         ).first()

@@ -33,6 +33,7 @@ class Lease:
     ingestion_pk: uuid.UUID
     expire_time: datetime
     ttl: timedelta
+    create_time: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -57,7 +58,9 @@ class LeasedFile:
 
 def retry_delay(attempt: int, initial: timedelta, maximum: timedelta, rng: random.Random | None = None) -> timedelta:
     """Exponential backoff with full jitter in its upper half: initial * 2^(attempt-1), capped, times [0.5, 1)."""
-    base: timedelta = min(initial * (2 ** max(attempt - 1, 0)), maximum)
+    # In float seconds with a bounded exponent: timedelta * 2**99 overflows.
+    seconds = min(initial.total_seconds() * 2.0 ** min(max(attempt - 1, 0), 64), maximum.total_seconds())
+    base = timedelta(seconds=seconds)
     jitter: float = 0.5 + 0.5 * (rng or random).random()
     return base * jitter
 

@@ -150,7 +150,7 @@ class LeaseService:
             if expire_time is None:
                 raise LeaseLost(f"{lease.name} expired and its files were taken over", metadata={"lease": lease.name})
             uow.commit()
-        return Lease(lease.id, lease.agent_id, lease.ingestion_pk, expire_time, self._ttl)
+        return Lease(lease.id, lease.agent_id, lease.ingestion_pk, expire_time, self._ttl, lease.create_time)
 
     def report(
         self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_id: int, attempt: int, outcome: FileOutcome
@@ -181,10 +181,13 @@ class LeaseService:
                 return self._replayed(uow, lease, file_id, attempt, outcome, ingestion)
             if state is FileState.QUARANTINED and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN:
                 uow.runs.fail(run_pk, f"file {file_id} was quarantined and the error policy is FAIL_RUN")
-            elif state is not FileState.FAILED:
-                uow.runs.finalize_if_done(run_pk)
             uow.commit()
-        self._changes.notify()
+        if state is not FileState.FAILED:
+            # After the commit, so that the last of several concurrent reports sees all of them.
+            with self._uow_factory() as uow:
+                if uow.runs.finalize_if_done(run_pk) is not None:
+                    uow.commit()
+                    self._changes.notify()
         return state, next_at
 
     @staticmethod
