@@ -33,7 +33,10 @@ _PICK_INGESTIONS = text(
     WHERE i.tenant = :tenant AND i.state = 'ACTIVE'
       AND (CAST(:only AS text) IS NULL OR i.ingestion_id = :only)
       AND EXISTS (SELECT 1 FROM files f {_ACTIVE_RUN} WHERE f.ingestion_pk = i.id AND {_CLAIMABLE})
-    ORDER BY (SELECT count(*) FROM files f WHERE f.ingestion_pk = i.id AND f.state = 'LEASED'), random()
+    -- live leases only: files under dead leases are work to hand out, not load
+    ORDER BY (SELECT count(*) FROM files f
+              WHERE f.ingestion_pk = i.id AND f.state = 'LEASED' AND f.lease_expire_time > now()),
+             random()
     LIMIT 3
     """
 )
@@ -58,7 +61,7 @@ _CLAIM = text(
     ),
     chosen AS (
         SELECT * FROM sized
-        WHERE (bytes_before < :max_bytes OR bytes_before = 0)
+        WHERE (bytes_before + size_bytes <= :max_bytes OR bytes_before = 0)  -- a larger file goes alone
           -- a file whose leases keep expiring is quarantined below, not leased again
           AND NOT (old_state = 'LEASED' AND lease_expiries + 1 >= :max_expiries)
     )
