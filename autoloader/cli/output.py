@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from google.protobuf import json_format
@@ -36,6 +36,28 @@ def emit(data: Any, fmt: OutputFormat) -> None:
         console.print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip(), markup=False)
     else:
         console.print(json.dumps(data, indent=2, ensure_ascii=False), markup=False)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def show_one(message: M, fmt: OutputFormat, detail: Callable[[M], Table]) -> None:
+    """One resource: a key/value table, or its proto3 JSON mapping."""
+    if fmt is OutputFormat.table:
+        console.print(detail(message))
+    else:
+        emit(as_dict(message), fmt)
+
+
+def show_many(items: Sequence[M], fmt: OutputFormat, key: str, rows: Callable[[Sequence[M]], Table]) -> None:
+    """A list: a table (or "no <key>" on stderr), or {"<key>": [...]} in JSON/YAML."""
+    if fmt is OutputFormat.table:
+        if items:
+            console.print(rows(items))
+        else:
+            err_console.print(f"no {key}")
+    else:
+        emit({key: [as_dict(i) for i in items]}, fmt)
 
 
 def _short(value: int, enum: Any, prefix: str) -> str:
@@ -98,20 +120,11 @@ def ingestion_detail(i: pb.Ingestion) -> Table:
 
 
 def show_ingestion(ingestion: pb.Ingestion, fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        console.print(ingestion_detail(ingestion))
-    else:
-        emit(as_dict(ingestion), fmt)
+    show_one(ingestion, fmt, ingestion_detail)
 
 
 def show_ingestions(ingestions: Sequence[pb.Ingestion], fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        if ingestions:
-            console.print(ingestion_rows(ingestions))
-        else:
-            err_console.print("no ingestions")
-    else:
-        emit({"ingestions": [as_dict(i) for i in ingestions]}, fmt)
+    show_many(ingestions, fmt, "ingestions", ingestion_rows)
 
 
 # Runs and files
@@ -196,20 +209,11 @@ def run_detail(r: run_pb2.Run) -> Table:
 
 
 def show_run(run: run_pb2.Run, fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        console.print(run_detail(run))
-    else:
-        emit(as_dict(run), fmt)
+    show_one(run, fmt, run_detail)
 
 
 def show_runs(runs: Sequence[run_pb2.Run], fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        if runs:
-            console.print(run_rows(runs))
-        else:
-            err_console.print("no runs")
-    else:
-        emit({"runs": [as_dict(r) for r in runs]}, fmt)
+    show_many(runs, fmt, "runs", run_rows)
 
 
 def file_rows(files: Sequence[file_pb2.File]) -> Table:
@@ -228,13 +232,7 @@ def file_rows(files: Sequence[file_pb2.File]) -> Table:
 
 
 def show_files(files: Sequence[file_pb2.File], fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        if files:
-            console.print(file_rows(files))
-        else:
-            err_console.print("no files")
-    else:
-        emit({"files": [as_dict(f) for f in files]}, fmt)
+    show_many(files, fmt, "files", file_rows)
 
 
 def attempt_rows(attempts: Sequence[file_pb2.FileAttempt]) -> Table:
@@ -254,13 +252,7 @@ def attempt_rows(attempts: Sequence[file_pb2.FileAttempt]) -> Table:
 
 
 def show_attempts(attempts: Sequence[file_pb2.FileAttempt], fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        if attempts:
-            console.print(attempt_rows(attempts))
-        else:
-            err_console.print("no attempts")
-    else:
-        emit({"attempts": [as_dict(a) for a in attempts]}, fmt)
+    show_many(attempts, fmt, "attempts", attempt_rows)
 
 
 # Agents
@@ -280,10 +272,4 @@ def agent_rows(agents: Sequence[lease_pb2.Agent]) -> Table:
 
 
 def show_agents(agents: Sequence[lease_pb2.Agent], fmt: OutputFormat) -> None:
-    if fmt is OutputFormat.table:
-        if agents:
-            console.print(agent_rows(agents))
-        else:
-            err_console.print("no agents")
-    else:
-        emit({"agents": [as_dict(a) for a in agents]}, fmt)
+    show_many(agents, fmt, "agents", agent_rows)
