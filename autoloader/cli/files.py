@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from autoloader.cli.context import globals_of
 from autoloader.cli.errors import EXIT_BAD_INPUT, CliError
 from autoloader.cli.output import OutputFormat, as_dict, console, emit, show_attempts, show_files
 from autoloader.client import Client
-
-if TYPE_CHECKING:
-    from autoloader.cli.main import Globals
 
 app = typer.Typer(help="Inspect files and queue them again.", no_args_is_help=True)
 
@@ -34,10 +32,6 @@ class RetryState(StrEnum):
     quarantined = "quarantined"
     skipped = "skipped"
     succeeded = "succeeded"
-
-
-def _globals(ctx: typer.Context) -> Globals:
-    return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
 def _time(value: str | None, option: str) -> datetime | None:
@@ -89,7 +83,7 @@ def list_(
     ] = None,
 ) -> None:
     """List an ingestion's files."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         path_prefix = _full_path(client, ingestion, prefix) if prefix else ""
         files = client.list_files(ingestion, states=state or [], run=run or "", path_prefix=path_prefix)
@@ -121,7 +115,7 @@ def retry(
     ] = None,
 ) -> None:
     """Queue files again, in the active run or a new RETRY run."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     after, before = _time(modified_after, "--modified-after"), _time(modified_before, "--modified-before")
     with g.client() as client:
         result = client.retry_files(
@@ -146,6 +140,6 @@ def attempts(
     file: Annotated[str, typer.Argument(help="File name: ingestions/ID/files/N or ID/files/N.", show_default=False)],
 ) -> None:
     """Every attempt at one file, oldest first."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_attempts(client.list_file_attempts(file), g.output)

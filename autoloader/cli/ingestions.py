@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import grpc
 import typer
 from google.protobuf import json_format
 
+from autoloader.cli.context import globals_of
 from autoloader.cli.errors import EXIT_BAD_INPUT, CliError
 from autoloader.cli.output import err_console, show_ingestion, show_ingestions
 from autoloader.client import ingestion_name
 from autoloader.specfile import expand_enums, leaf_paths, load_spec
 from autoloader.v1 import ingestion_pb2 as pb
-
-if TYPE_CHECKING:
-    from autoloader.cli.main import Globals
 
 app = typer.Typer(help="Create and manage ingestions.", no_args_is_help=True)
 
@@ -30,10 +28,6 @@ OUTPUT_ONLY = frozenset(
     }
 )  # fmt: skip
 IMMUTABLE = ("source.uri", "destination")
-
-
-def _globals(ctx: typer.Context) -> Globals:
-    return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
 def _spec_paths(spec: pb.Ingestion) -> list[str]:
@@ -72,7 +66,7 @@ def create(
     ] = None,
 ) -> None:
     """Create an ingestion from a spec file."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     spec = load_spec(file)
     with g.client() as client:
         created = client.create_ingestion(spec, _id_for(spec, ingestion_id), request_id=request_id)
@@ -86,7 +80,7 @@ def apply(
     ingestion_id: Annotated[str | None, typer.Option("--id", help="Ingestion id (default: the spec's name).")] = None,
 ) -> None:
     """Create the ingestion, or update it to match the spec file."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     spec = load_spec(file)
     target = _id_for(spec, ingestion_id)
     if not target:
@@ -114,7 +108,7 @@ def apply(
 @app.command()
 def get(ctx: typer.Context, name: NameArgument) -> None:
     """Show one ingestion."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_ingestion(client.get_ingestion(name), g.output)
 
@@ -127,7 +121,7 @@ def list_(
     ] = None,
 ) -> None:
     """List ingestions."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     filter_ = " OR ".join(f"state = {s.upper()}" for s in state or [])
     with g.client() as client:
         show_ingestions(list(client.list_ingestions(filter=filter_)), g.output)
@@ -144,7 +138,7 @@ def update(
     ] = None,
 ) -> None:
     """Change the fields a spec file sets (or only those named by --mask)."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     spec = load_spec(file)
     with g.client() as client:
         if mask:
@@ -168,7 +162,7 @@ def delete(
     drop_table: Annotated[bool, typer.Option("--drop-table", help="Also drop the Iceberg table.")] = False,
 ) -> None:
     """Delete an ingestion and its run and file history."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         client.delete_ingestion(name, drop_table=drop_table)
     err_console.print(f"deleted {ingestion_name(name)}")
@@ -177,7 +171,7 @@ def delete(
 @app.command()
 def pause(ctx: typer.Context, name: NameArgument) -> None:
     """Stop leasing files and starting scheduled runs."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_ingestion(client.pause_ingestion(name), g.output)
 
@@ -185,6 +179,6 @@ def pause(ctx: typer.Context, name: NameArgument) -> None:
 @app.command()
 def resume(ctx: typer.Context, name: NameArgument) -> None:
     """Resume a paused ingestion."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_ingestion(client.resume_ingestion(name), g.output)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from autoloader.cli import agents, files, ingestions, runs
+from autoloader.cli.context import Globals
 from autoloader.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, CliError, report_rpc_error
 from autoloader.cli.output import OutputFormat, err_console, show_ingestion
 from autoloader.client import DEFAULT_ADDRESS, Client
@@ -34,16 +34,6 @@ app.add_typer(agents.app, name="agents")
 
 # The address the current command talks to, for error messages raised outside it.
 _session_address = DEFAULT_ADDRESS
-
-
-@dataclass
-class Globals:
-    address: str
-    token: str | None
-    output: OutputFormat
-
-    def client(self) -> Client:
-        return Client(self.address, token=self.token)
 
 
 @app.callback()

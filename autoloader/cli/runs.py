@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import grpc
 import typer
@@ -12,13 +12,11 @@ from grpc_status import rpc_status
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from autoloader.cli.context import Globals, globals_of
 from autoloader.cli.errors import EXIT_FAILED, EXIT_UNAVAILABLE, CliError
 from autoloader.cli.output import err_console, run_done, run_state, show_run, show_runs
 from autoloader.client import Client, run_name
 from autoloader.v1 import run_pb2
-
-if TYPE_CHECKING:
-    from autoloader.cli.main import Globals
 
 app = typer.Typer(help="Start, follow and cancel runs.", no_args_is_help=True)
 
@@ -29,10 +27,6 @@ RunArgument = Annotated[
 ACTIVE = frozenset({run_pb2.Run.STATE_DISCOVERING, run_pb2.Run.STATE_RUNNING})
 EXIT_INTERRUPTED = 130
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-
-
-def _globals(ctx: typer.Context) -> Globals:
-    return ctx.find_root().obj  # type: ignore[no-any-return]
 
 
 def _error_reason(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
@@ -135,7 +129,7 @@ def start(
     ] = None,
 ) -> None:
     """Start a run: discover new and changed files and queue them."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         try:
             run = client.start_run(ingestion, request_id=request_id)
@@ -157,7 +151,7 @@ def start(
 @app.command()
 def get(ctx: typer.Context, run: RunArgument) -> None:
     """Show one run."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_run(client.get_run(run), g.output)
 
@@ -172,7 +166,7 @@ def list_(
     ] = None,
 ) -> None:
     """List an ingestion's runs, newest first."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     filter_ = " OR ".join(f"state = {s.upper()}" for s in state or [])
     with g.client() as client:
         show_runs(list(client.list_runs(ingestion, filter=filter_)), g.output)
@@ -181,7 +175,7 @@ def list_(
 @app.command()
 def cancel(ctx: typer.Context, run: RunArgument) -> None:
     """Cancel a run; its files not yet processed are skipped."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         show_run(client.cancel_run(run), g.output)
 
@@ -189,6 +183,6 @@ def cancel(ctx: typer.Context, run: RunArgument) -> None:
 @app.command()
 def watch(ctx: typer.Context, run: RunArgument) -> None:
     """Follow a run until it ends (exit 1 unless it succeeds); Ctrl-C stops watching, not the run."""
-    g = _globals(ctx)
+    g = globals_of(ctx)
     with g.client() as client:
         follow(client, run, g)

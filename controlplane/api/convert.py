@@ -34,7 +34,7 @@ def _enum_out(value: StrEnum | None, wrapper: Any, prefix: str) -> Any:
     return 0 if value is None else wrapper.Value(prefix + value.value)
 
 
-def _timestamp_in(message: Timestamp, field: str) -> datetime:
+def timestamp_in(message: Timestamp, field: str) -> datetime:
     try:
         return message.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
@@ -65,7 +65,7 @@ def spec_from_proto(message: pb.Ingestion) -> d.IngestionSpec:
             uri=source.uri,
             glob=source.glob,
             recursive=source.recursive,
-            modified_after=_timestamp_in(source.modified_after, "source.modified_after")
+            modified_after=timestamp_in(source.modified_after, "source.modified_after")
             if source.HasField("modified_after")
             else None,
             credentials_ref=source.credentials_ref,

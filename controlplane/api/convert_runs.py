@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from autoloader.v1 import file_pb2, run_pb2
+from controlplane.api.convert import timestamp_in
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.runs import File, FileAttempt, FileState, Run, Trigger
 
@@ -17,13 +18,6 @@ from controlplane.domain.runs import File, FileAttempt, FileState, Run, Trigger
 def _set_time(target: Timestamp, value: datetime | None) -> None:
     if value is not None:
         target.FromDatetime(value)
-
-
-def timestamp_in(message: Timestamp, field: str) -> datetime:
-    try:
-        return message.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(field, "is not a valid timestamp") from None
 
 
 def optional_time(message: Message, field: str) -> datetime | None:
