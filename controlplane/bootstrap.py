@@ -176,8 +176,12 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
             discovery_wakeup,
             poll=settings.discovery_poll,
         )
+        housekeeping = MaintenanceService(uow_factory, settings.idempotency_retention, run_changes)
         maintenance = MaintenanceLoop(
-            MaintenanceService(uow_factory, settings.idempotency_retention), settings.maintenance_interval
+            [
+                (housekeeping.purge_idempotency_records, settings.maintenance_interval),
+                (housekeeping.finalize_finished_runs, settings.finalize_sweep_interval),
+            ]
         )
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
         run_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)

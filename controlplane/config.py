@@ -42,6 +42,9 @@ class ControlPlaneSettings(BaseSettings):
     idempotency_retention: Duration = timedelta(days=7)
     # Seconds between housekeeping rounds (purging expired request ids).
     maintenance_interval: float = 3600.0
+    # Seconds between sweeps that end runs whose last files were reported concurrently
+    # (or whose last reporter crashed before ending the run).
+    finalize_sweep_interval: float = 1.0
     # Files per discovery transaction; agents may start on each chunk as soon as it commits.
     discovery_chunk_size: int = 1000
     # A discovery whose replica has been silent this long is taken over by another.

@@ -417,6 +417,136 @@ class ReportFileResultResponse(_message.Message):
 Global___ReportFileResultResponse: _TypeAlias = ReportFileResultResponse  # noqa: Y015
 
 @_typing.final
+class FileResult(_message.Message):
+    """One file's result within ReportFileResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    file: _builtins.str
+    """Required. "ingestions/{ingestion}/files/{file}"."""
+    attempt: _builtins.int
+    """Required. The attempt the file was leased with."""
+    outcome: Global___ReportFileResultRequest.Outcome.ValueType
+    """Required."""
+    records: _builtins.int
+    """Records written."""
+    bytes: _builtins.int
+    """Bytes read."""
+    @_builtins.property
+    def error(self) -> Global___FileErrorDetail:
+        """Required when outcome is FAILED."""
+
+    def __init__(
+        self,
+        *,
+        file: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        outcome: Global___ReportFileResultRequest.Outcome.ValueType = ...,
+        records: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        error: Global___FileErrorDetail | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "bytes", b"bytes", "error", b"error", "file", b"file", "outcome", b"outcome", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileResult: _TypeAlias = FileResult  # noqa: Y015
+
+@_typing.final
+class ReportFileResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    lease: _builtins.str
+    """Required."""
+    agent: _builtins.str
+    """Required."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileResult]:
+        """Required. 1 to 10,000 results, each file at most once."""
+
+    def __init__(
+        self,
+        *,
+        lease: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        results: _abc.Iterable[Global___FileResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "lease", b"lease", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportFileResultsRequest: _TypeAlias = ReportFileResultsRequest  # noqa: Y015
+
+@_typing.final
+class ReportFileResultsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        """What became of one reported file."""
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FILE_FIELD_NUMBER: _builtins.int
+        FILE_STATE_FIELD_NUMBER: _builtins.int
+        NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+        LEASE_LOST_FIELD_NUMBER: _builtins.int
+        file: _builtins.str
+        """"ingestions/{ingestion}/files/{file}"."""
+        file_state: _file_pb2.File.State.ValueType
+        """SUCCEEDED, FAILED (retried at next_attempt_time) or QUARANTINED;
+        unspecified when lease_lost.
+        """
+        lease_lost: _builtins.bool
+        """The lease no longer holds this file with this attempt: nothing changed."""
+        @_builtins.property
+        def next_attempt_time(self) -> _timestamp_pb2.Timestamp: ...
+        def __init__(
+            self,
+            *,
+            file: _builtins.str = ...,
+            file_state: _file_pb2.File.State.ValueType = ...,
+            next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+            lease_lost: _builtins.bool = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "file_state", b"file_state", "lease_lost", b"lease_lost", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportFileResultsResponse.Result]:
+        """In the order of the request's results."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ReportFileResultsResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportFileResultsResponse: _TypeAlias = ReportFileResultsResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseLeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

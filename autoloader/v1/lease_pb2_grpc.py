@@ -50,6 +50,11 @@ class LeaseServiceStub:
                 request_serializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultRequest.SerializeToString,
                 response_deserializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultResponse.FromString,
                 _registered_method=True)
+        self.ReportFileResults = channel.unary_unary(
+                '/autoloader.v1.LeaseService/ReportFileResults',
+                request_serializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultsRequest.SerializeToString,
+                response_deserializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultsResponse.FromString,
+                _registered_method=True)
         self.ReleaseLease = channel.unary_unary(
                 '/autoloader.v1.LeaseService/ReleaseLease',
                 request_serializer=autoloader_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.SerializeToString,
@@ -87,6 +92,16 @@ class LeaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFileResults(self, request, context):
+        """Records several files' results of one lease in one transaction, committed
+        before the reply. Each result is fenced on its own: a file the lease no
+        longer holds changes nothing and is answered with lease_lost, while the
+        others are recorded. Agents report a committed batch with one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseLease(self, request, context):
         """Returns unprocessed files without spending an attempt.
         """
@@ -118,6 +133,11 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.ReportFileResult,
                     request_deserializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultRequest.FromString,
                     response_serializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultResponse.SerializeToString,
+            ),
+            'ReportFileResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFileResults,
+                    request_deserializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultsRequest.FromString,
+                    response_serializer=autoloader_dot_v1_dot_lease__pb2.ReportFileResultsResponse.SerializeToString,
             ),
             'ReleaseLease': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseLease,
@@ -212,6 +232,33 @@ class LeaseService:
             '/autoloader.v1.LeaseService/ReportFileResult',
             autoloader_dot_v1_dot_lease__pb2.ReportFileResultRequest.SerializeToString,
             autoloader_dot_v1_dot_lease__pb2.ReportFileResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFileResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autoloader.v1.LeaseService/ReportFileResults',
+            autoloader_dot_v1_dot_lease__pb2.ReportFileResultsRequest.SerializeToString,
+            autoloader_dot_v1_dot_lease__pb2.ReportFileResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

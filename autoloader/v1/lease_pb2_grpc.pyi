@@ -39,6 +39,12 @@ class LeaseServiceStub:
     """Extends a lease; LEASE_LOST once it expired and was taken over."""
     ReportFileResult: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultRequest, _lease_pb2.ReportFileResultResponse]
     """Records one file's result, committed before the reply."""
+    ReportFileResults: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultsRequest, _lease_pb2.ReportFileResultsResponse]
+    """Records several files' results of one lease in one transaction, committed
+    before the reply. Each result is fenced on its own: a file the lease no
+    longer holds changes nothing and is answered with lease_lost, while the
+    others are recorded. Agents report a committed batch with one call.
+    """
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]
     """Returns unprocessed files without spending an attempt."""
     ListAgents: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ListAgentsRequest, _lease_pb2.ListAgentsResponse]
@@ -55,6 +61,12 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     """Extends a lease; LEASE_LOST once it expired and was taken over."""
     ReportFileResult: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultRequest, _lease_pb2.ReportFileResultResponse]  # type: ignore[assignment]
     """Records one file's result, committed before the reply."""
+    ReportFileResults: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultsRequest, _lease_pb2.ReportFileResultsResponse]  # type: ignore[assignment]
+    """Records several files' results of one lease in one transaction, committed
+    before the reply. Each result is fenced on its own: a file the lease no
+    longer holds changes nothing and is answered with lease_lost, while the
+    others are recorded. Agents report a committed batch with one call.
+    """
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
     """Returns unprocessed files without spending an attempt."""
     ListAgents: _aio.UnaryUnaryMultiCallable[_lease_pb2.ListAgentsRequest, _lease_pb2.ListAgentsResponse]  # type: ignore[assignment]
@@ -86,6 +98,18 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ReportFileResultResponse, _abc.Awaitable[_lease_pb2.ReportFileResultResponse]]:
         """Records one file's result, committed before the reply."""
+
+    @_abc_1.abstractmethod
+    def ReportFileResults(
+        self,
+        request: _lease_pb2.ReportFileResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lease_pb2.ReportFileResultsResponse, _abc.Awaitable[_lease_pb2.ReportFileResultsResponse]]:
+        """Records several files' results of one lease in one transaction, committed
+        before the reply. Each result is fenced on its own: a file the lease no
+        longer holds changes nothing and is answered with lease_lost, while the
+        others are recorded. Agents report a committed batch with one call.
+        """
 
     @_abc_1.abstractmethod
     def ReleaseLease(

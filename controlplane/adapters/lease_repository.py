@@ -16,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from controlplane.adapters.orm import AgentRow, FileAttemptRow, FileRow, LeaseRow
-from controlplane.domain.leases import Lease, LeasedFile
+from controlplane.domain.leases import Lease, LeasedFile, RecordedResults, ReportedResult
 from controlplane.domain.runs import FileState
 
 _CLAIMABLE = """
@@ -86,6 +86,52 @@ _QUARANTINE_KILLERS = text(
     WHERE f.ingestion_pk = :ingestion AND f.state = 'LEASED' AND f.lease_expire_time < now()
       AND f.lease_expiries + 1 >= :max_expiries
     RETURNING f.id, f.attempts, f.run_pk, f.lease_pk
+    """
+)
+
+
+# Fenced results of one lease: a file changes only while this lease holds it LEASED with the
+# reported attempt, and only if the lease is the reporting agent's. Every change appends its
+# attempt row. Answers one row per recorded file, or one row with a NULL file_id if none was
+# (so an unknown lease, which answers no row, is told apart from a lost one).
+_RECORD_RESULTS = text(
+    """
+    WITH l AS (
+        SELECT l.id, l.agent_id, l.ingestion_pk, l.create_time, i.ingestion_id
+        FROM leases l JOIN ingestions i ON i.id = l.ingestion_pk WHERE l.id = :lease
+    ),
+    r AS (
+        SELECT * FROM unnest(
+            CAST(:file_ids AS bigint[]), CAST(:attempts AS integer[]), CAST(:states AS text[]),
+            CAST(:records AS bigint[]), CAST(:sizes AS bigint[]), CAST(:error_types AS text[]),
+            CAST(:error_messages AS text[]), CAST(:retryables AS boolean[]), CAST(:next_ats AS timestamptz[])
+        ) AS r(file_id, attempt, state, records, size, error_type, error_message, retryable, next_at)
+    ),
+    u AS (
+        UPDATE files f SET
+            state = r.state, lease_pk = NULL, lease_expire_time = NULL, update_time = now(),
+            last_error = CASE WHEN r.error_message <> '' THEN r.error_type || ': ' || r.error_message ELSE '' END,
+            records = CASE WHEN r.state = 'SUCCEEDED' THEN r.records ELSE f.records END,
+            next_attempt_at = COALESCE(r.next_at, f.next_attempt_at)
+        FROM r, l
+        WHERE f.id = r.file_id AND f.lease_pk = l.id AND l.agent_id = :agent
+          AND f.attempts = r.attempt AND f.state = 'LEASED'
+        RETURNING f.id, f.run_pk,
+            -- in the statement's snapshot: is any file of the run still open, besides this call's files?
+            EXISTS (SELECT 1 FROM files o WHERE o.run_pk = f.run_pk AND o.state IN ('PENDING', 'LEASED', 'FAILED')
+                    AND o.id <> ALL(CAST(:file_ids AS bigint[]))) AS run_open
+    ),
+    a AS (
+        INSERT INTO file_attempts (file_pk, attempt, agent_id, lease_pk, outcome, start_time, records, bytes,
+                                   error_type, error_message, retryable)
+        SELECT u.id, r.attempt, l.agent_id, l.id,
+               CASE WHEN r.state = 'SUCCEEDED' THEN 'SUCCEEDED' ELSE 'FAILED' END,
+               l.create_time, r.records, r.size, r.error_type, r.error_message, r.retryable
+        FROM u JOIN r ON r.file_id = u.id CROSS JOIN l
+        RETURNING file_pk
+    )
+    SELECT l.agent_id, l.ingestion_pk, l.ingestion_id, u.id AS file_id, u.run_pk, u.run_open
+    FROM l LEFT JOIN u ON true
     """
 )
 
@@ -222,61 +268,46 @@ class SqlLeaseRepository:
             .returning(LeaseRow.expire_time)
         ).scalar_one()
 
-    def record_result(
-        self,
-        lease: Lease,
-        file_id: int,
-        attempt: int,
-        *,
-        new_state: FileState,
-        records: int,
-        size: int,
-        error_type: str,
-        error_message: str,
-        retryable: bool,
-        next_attempt_at: datetime | None,
-    ) -> uuid.UUID | None:
-        """The fenced update; returns the file's run, or None if the lease no longer holds it."""
-        values: dict[str, Any] = {
-            "state": new_state, "lease_pk": None, "lease_expire_time": None, "update_time": func.now(),
-            "last_error": f"{error_type}: {error_message}" if error_message else "",
-        }  # fmt: skip
-        if new_state is FileState.SUCCEEDED:
-            values["records"] = records
-        if next_attempt_at is not None:
-            values["next_attempt_at"] = next_attempt_at
-        run_pk = self._session.execute(
-            update(FileRow)
-            .where(
-                FileRow.id == file_id,
-                FileRow.lease_pk == lease.id,
-                FileRow.attempts == attempt,
-                FileRow.state == FileState.LEASED,
-            )
-            .values(**values)
-            .returning(FileRow.run_pk)
-        ).scalar_one_or_none()
-        if run_pk is None:
-            return None
-        self._session.execute(
-            insert(FileAttemptRow).values(
-                file_pk=file_id, attempt=attempt, agent_id=lease.agent_id, lease_pk=lease.id,
-                outcome="SUCCEEDED" if new_state is FileState.SUCCEEDED else "FAILED",
-                start_time=lease.create_time, records=records, bytes=size, error_type=error_type,
-                error_message=error_message, retryable=retryable,
-            )
-        )  # fmt: skip
-        return run_pk
+    def record_results(
+        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult]
+    ) -> RecordedResults | None:
+        """The fenced updates and their attempt rows, in one statement.
 
-    def recorded_result(self, lease_id: uuid.UUID, file_id: int, attempt: int) -> Any | None:
-        return self._session.execute(
+        Each result only changes its file while the file is LEASED by this lease with
+        the reported attempt (and the lease is the agent's). None if the lease does
+        not exist.
+        """
+        rows = self._session.execute(
+            _RECORD_RESULTS,
+            {
+                "lease": lease_id, "agent": agent_id,
+                "file_ids": [r.file_id for r in results], "attempts": [r.attempt for r in results],
+                "states": [r.state.value for r in results], "records": [r.records for r in results],
+                "sizes": [r.size for r in results], "error_types": [r.error_type for r in results],
+                "error_messages": [r.error_message for r in results], "retryables": [r.retryable for r in results],
+                "next_ats": [r.next_attempt_at for r in results],
+            },
+        ).all()  # fmt: skip
+        if not rows:
+            return None
+        return RecordedResults(
+            agent_id=rows[0].agent_id,
+            ingestion_pk=rows[0].ingestion_pk,
+            ingestion_id=rows[0].ingestion_id,
+            runs={r.file_id: r.run_pk for r in rows if r.file_id is not None},
+            runs_with_others_open={r.run_pk for r in rows if r.run_open},
+        )
+
+    def recorded_results(self, lease_id: uuid.UUID, attempts: dict[int, int]) -> dict[int, Any]:
+        """The results this lease already recorded for these files (file -> attempt), by file."""
+        rows = self._session.execute(
             select(FileAttemptRow).where(
                 FileAttemptRow.lease_pk == lease_id,
-                FileAttemptRow.file_pk == file_id,
-                FileAttemptRow.attempt == attempt,
+                FileAttemptRow.file_pk.in_(list(attempts)),
                 FileAttemptRow.outcome.in_(["SUCCEEDED", "FAILED"]),
             )
-        ).scalar_one_or_none()
+        ).scalars()
+        return {row.file_pk: row for row in rows if attempts.get(row.file_pk) == row.attempt}
 
     def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]:
         """Unreported files back to PENDING, their attempt refunded; returns their runs."""

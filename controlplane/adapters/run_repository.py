@@ -219,6 +219,17 @@ class SqlRunRepository:
     def _freeze_counts(self, run_pk: uuid.UUID) -> None:
         self._session.execute(update(RunRow).where(RunRow.id == run_pk).values(final_counts=self._snapshot(run_pk)))
 
+    def finished_running(self, limit: int) -> list[uuid.UUID]:
+        """RUNNING runs with no open file left: ones whose last report did not end them."""
+        open_file = select(FileRow.id).where(
+            FileRow.run_pk == RunRow.id, FileRow.state.in_([s.value for s in OPEN_FILE_STATES])
+        )
+        return list(
+            self._session.execute(
+                select(RunRow.id).where(RunRow.state == RunState.RUNNING, ~open_file.exists()).limit(limit)
+            ).scalars()
+        )
+
     def finalize_if_done(self, run_pk: uuid.UUID) -> RunState | None:
         """Ends a RUNNING run that has no open file left; exactly one caller wins.
 

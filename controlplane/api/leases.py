@@ -14,7 +14,7 @@ from controlplane.api.convert import ingestion_to_proto
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.leases import Lease
 from controlplane.domain.names import parse_file_name, parse_ingestion_name
-from controlplane.service.leases import FileOutcome, LeaseService
+from controlplane.service.leases import FileOutcome, FileReport, LeaseService
 
 _AGENT = re.compile(r"agents/([A-Za-z0-9._:@-]{1,128})")
 
@@ -40,6 +40,23 @@ def _lease_to_proto(lease: Lease) -> lease_pb2.Lease:
     message.expire_time.FromDatetime(lease.expire_time)
     message.heartbeat_interval.FromTimedelta(lease.heartbeat_interval)
     return message
+
+
+def _file_report(result: lease_pb2.ReportFileResultRequest | lease_pb2.FileResult, where: str) -> FileReport:
+    """One file's reported result; `where` prefixes field names in errors ("results[3].")."""
+    _, file_id = parse_file_name(result.file, where + "file")
+    if result.outcome == lease_pb2.ReportFileResultRequest.OUTCOME_SUCCEEDED:
+        outcome = FileOutcome(True, records=result.records, bytes=result.bytes)
+    elif result.outcome == lease_pb2.ReportFileResultRequest.OUTCOME_FAILED:
+        if not result.HasField("error") or not result.error.message:
+            raise InvalidArgument.field(where + "error", "is required when the outcome is FAILED")
+        outcome = FileOutcome(
+            False, records=result.records, bytes=result.bytes, error_type=result.error.type,
+            error_message=result.error.message, retryable=result.error.retryable,
+        )  # fmt: skip
+    else:
+        raise InvalidArgument.field(where + "outcome", "must be OUTCOME_SUCCEEDED or OUTCOME_FAILED")
+    return FileReport(file_id, result.attempt, outcome)
 
 
 class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
@@ -91,22 +108,28 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         self, request: lease_pb2.ReportFileResultRequest, context: grpc.ServicerContext
     ) -> lease_pb2.ReportFileResultResponse:
         agent, lease_id = _agent(request.agent), _lease_id(request.lease)
-        _, file_id = parse_file_name(request.file, "file")
-        if request.outcome == lease_pb2.ReportFileResultRequest.OUTCOME_SUCCEEDED:
-            outcome = FileOutcome(True, records=request.records, bytes=request.bytes)
-        elif request.outcome == lease_pb2.ReportFileResultRequest.OUTCOME_FAILED:
-            if not request.HasField("error") or not request.error.message:
-                raise InvalidArgument.field("error", "is required when the outcome is FAILED")
-            outcome = FileOutcome(
-                False, records=request.records, bytes=request.bytes, error_type=request.error.type,
-                error_message=request.error.message, retryable=request.error.retryable,
-            )  # fmt: skip
-        else:
-            raise InvalidArgument.field("outcome", "must be OUTCOME_SUCCEEDED or OUTCOME_FAILED")
-        state, next_at = self._service.report(tenant_of(context), agent, lease_id, file_id, request.attempt, outcome)
+        report = _file_report(request, "")
+        state, next_at = self._service.report(
+            tenant_of(context), agent, lease_id, report.file_id, report.attempt, report.outcome
+        )
         reply = lease_pb2.ReportFileResultResponse(file_state=file_pb2.File.State.Value("STATE_" + state.value))
         if next_at is not None:
             reply.next_attempt_time.FromDatetime(next_at)
+        return reply
+
+    def ReportFileResults(
+        self, request: lease_pb2.ReportFileResultsRequest, context: grpc.ServicerContext
+    ) -> lease_pb2.ReportFileResultsResponse:
+        agent, lease_id = _agent(request.agent), _lease_id(request.lease)
+        reports = [_file_report(result, f"results[{i}].") for i, result in enumerate(request.results)]
+        answers = self._service.report_many(tenant_of(context), agent, lease_id, reports)
+        reply = lease_pb2.ReportFileResultsResponse()
+        for answer in answers:
+            result = reply.results.add(file=answer.file_name, lease_lost=answer.state is None)
+            if answer.state is not None:
+                result.file_state = file_pb2.File.State.Value("STATE_" + answer.state.value)
+            if answer.next_attempt_at is not None:
+                result.next_attempt_time.FromDatetime(answer.next_attempt_at)
         return reply
 
     def ReleaseLease(

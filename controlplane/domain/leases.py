@@ -56,6 +56,34 @@ class LeasedFile:
     attempt: int
 
 
+@dataclass(frozen=True)
+class ReportedResult:
+    """One file's reported result, with the state it leads to."""
+
+    file_id: int
+    attempt: int
+    state: FileState
+    records: int = 0
+    size: int = 0
+    error_type: str = ""
+    error_message: str = ""
+    retryable: bool = True
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RecordedResults:
+    agent_id: str
+    ingestion_pk: uuid.UUID
+    ingestion_id: str
+    runs: dict[int, uuid.UUID | None]  # recorded file -> its run
+    # Runs with open files besides the reported ones, as the recording statement saw them.
+    runs_with_others_open: set[uuid.UUID | None]
+
+    def file_name(self, file_id: int) -> str:
+        return f"ingestions/{self.ingestion_id}/files/{file_id}"
+
+
 def retry_delay(attempt: int, initial: timedelta, maximum: timedelta, rng: random.Random | None = None) -> timedelta:
     """Exponential backoff with full jitter in its upper half: initial * 2^(attempt-1), capped, times [0.5, 1)."""
     # In float seconds with a bounded exponent: timedelta * 2**99 overflows.

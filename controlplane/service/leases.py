@@ -23,6 +23,8 @@ from controlplane.domain.leases import (
     LeasedFile,
     LeaseLost,
     LeaseNotOwned,
+    RecordedResults,
+    ReportedResult,
     retry_delay,
     state_after_failure,
 )
@@ -44,6 +46,16 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class ReportAnswer:
+    """A file's state after its report; None if the lease no longer holds it (LEASE_LOST)."""
+
+    file_id: int
+    file_name: str  # "ingestions/{ingestion}/files/{file}"
+    state: FileState | None
+    next_attempt_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class FileOutcome:
     succeeded: bool
     records: int = 0
@@ -51,6 +63,13 @@ class FileOutcome:
     error_type: str = ""
     error_message: str = ""
     retryable: bool = True
+
+
+@dataclass(frozen=True)
+class FileReport:
+    file_id: int
+    attempt: int
+    outcome: FileOutcome
 
 
 class LeaseService:
@@ -155,45 +174,134 @@ class LeaseService:
     def report(
         self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_id: int, attempt: int, outcome: FileOutcome
     ) -> tuple[FileState, datetime | None]:
-        """Records one file's result in its own transaction; fenced on (lease, attempt, LEASED)."""
-        if outcome.records < 0 or outcome.bytes < 0:
-            raise InvalidArgument.field("records" if outcome.records < 0 else "bytes", "must not be negative")
-        if attempt < 1:
-            raise InvalidArgument.field("attempt", "must be the attempt the file was leased with (1 or more)")
-        with self._uow_factory() as uow:
-            lease = self._own_lease(uow, agent_id, lease_id)
-            ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk)
-            assert ingestion is not None  # leases are deleted with their ingestion
-            state, next_at = self._next_state(ingestion, attempt, outcome)
-            run_pk = uow.leases.record_result(
-                lease,
-                file_id,
-                attempt,
-                new_state=state,
-                records=outcome.records,
-                size=outcome.bytes,
-                error_type=outcome.error_type,
-                error_message=outcome.error_message,
-                retryable=outcome.retryable,
-                next_attempt_at=next_at,
+        """Records one file's result; LEASE_LOST if the lease no longer holds it with this attempt."""
+        (answer,) = self._record(agent_id, lease_id, [FileReport(file_id, attempt, outcome)], indexed=False)
+        if answer.state is None:
+            raise LeaseLost(
+                f"{answer.file_name} is no longer held by leases/{lease_id} with attempt {attempt}",
+                metadata={"lease": f"leases/{lease_id}", "file": answer.file_name},
             )
-            if run_pk is None:
-                return self._replayed(uow, lease, file_id, attempt, outcome, ingestion)
-            if state is FileState.QUARANTINED and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN:
-                uow.runs.fail(run_pk, f"file {file_id} was quarantined and the error policy is FAIL_RUN")
+        return answer.state, answer.next_attempt_at
+
+    def report_many(
+        self, tenant: str, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport]
+    ) -> list[ReportAnswer]:
+        """Records results of one lease in one transaction, committed before returning.
+
+        Each is fenced on its own (lease, attempt, state LEASED): a file the lease no
+        longer holds changes nothing and is answered lost, unless this exact result was
+        already recorded (a retried call), which gets the recorded answer.
+        """
+        return self._record(agent_id, lease_id, reports, indexed=True)
+
+    def _record(
+        self, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], *, indexed: bool
+    ) -> list[ReportAnswer]:
+        self._check_reports(reports, indexed)
+        with self._uow_factory() as uow:
+            ingestion = None
+            if not all(r.outcome.succeeded for r in reports):
+                # Only failures need the ingestion's retry policy; successes cost one statement.
+                ingestion = self._ingestion_of(uow, self._own_lease(uow, agent_id, lease_id))
+            rows = [self._result_row(ingestion, r) for r in reports]
+            recorded = uow.leases.record_results(lease_id, agent_id, rows)
+            if recorded is None:
+                raise NotFound(f"leases/{lease_id} does not exist", metadata={"lease": f"leases/{lease_id}"})
+            if recorded.agent_id != agent_id:
+                raise LeaseNotOwned(
+                    f"leases/{lease_id} belongs to agents/{recorded.agent_id}",
+                    metadata={"lease": f"leases/{lease_id}"},
+                )
+            answers = [
+                ReportAnswer(row.file_id, recorded.file_name(row.file_id), row.state, row.next_attempt_at)
+                if row.file_id in recorded.runs
+                else None
+                for row in rows
+            ]
+            replays = {r.file_id: r for r, a in zip(reports, answers, strict=True) if a is None}
+            if replays:
+                replayed = self._replayed(
+                    uow, lease_id, replays, recorded, ingestion or self._ingestion_of_pk(uow, recorded)
+                )
+                answers = [a or replayed[r.file_id] for r, a in zip(reports, answers, strict=True)]
+            fail_run = ingestion is not None and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN
+            for row in rows:
+                run_pk = recorded.runs.get(row.file_id)
+                if fail_run and row.state is FileState.QUARANTINED and run_pk is not None:
+                    uow.runs.fail(run_pk, f"file {row.file_id} was quarantined and the error policy is FAIL_RUN")
             uow.commit()
-        if state is not FileState.FAILED:
-            # After the commit, so that the last of several concurrent reports sees all of them.
-            with self._uow_factory() as uow:
-                if uow.runs.finalize_if_done(run_pk) is not None:
-                    uow.commit()
-                    self._changes.notify()
-        return state, next_at
+            self._finalize_if_last(uow, rows, recorded)
+        return [a for a in answers if a is not None]
+
+    @staticmethod
+    def _check_reports(reports: list[FileReport], indexed: bool) -> None:
+        """Field names in errors are "results[i].field" for report_many, "field" for report."""
+        if not 1 <= len(reports) <= MAX_FILES_PER_CALL:
+            raise InvalidArgument.field("results", f"must hold 1 to {MAX_FILES_PER_CALL} results")
+        seen: set[int] = set()
+        for i, report in enumerate(reports):
+            where = f"results[{i}]." if indexed else ""
+            if report.outcome.records < 0 or report.outcome.bytes < 0:
+                field = "records" if report.outcome.records < 0 else "bytes"
+                raise InvalidArgument.field(where + field, "must not be negative")
+            if report.attempt < 1:
+                raise InvalidArgument.field(
+                    where + "attempt", "must be the attempt the file was leased with (1 or more)"
+                )
+            if report.file_id in seen:
+                raise InvalidArgument.field(where + "file", "is reported twice in one call")
+            seen.add(report.file_id)
+
+    def _finalize_if_last(self, uow: UnitOfWork, rows: list[ReportedResult], recorded: RecordedResults) -> None:
+        """Ends the runs this call closed the last open files of, in a new transaction after the commit.
+
+        The recording statement saw whether other files of the run were open. If none
+        were, every other file's result was committed before ours and we are the last:
+        finalize. If some were, they may be closing concurrently, each of us seeing the
+        other open; the finalization sweep (MaintenanceService) ends such a run within
+        a second, and also any whose reporter crashed between its commit and this step.
+        """
+        still_open = {recorded.runs.get(row.file_id) for row in rows if row.state is FileState.FAILED}
+        last_of = {
+            run
+            for run in recorded.runs.values()
+            if run is not None and run not in still_open and run not in recorded.runs_with_others_open
+        }
+        finalized = False
+        for run_pk in last_of:
+            if uow.runs.finalize_if_done(run_pk) is not None:
+                uow.commit()
+                finalized = True
+        if finalized:
+            self._changes.notify()
+
+    @staticmethod
+    def _ingestion_of(uow: UnitOfWork, lease: Lease) -> Ingestion:
+        ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk)
+        assert ingestion is not None  # leases are deleted with their ingestion
+        return ingestion
+
+    @staticmethod
+    def _ingestion_of_pk(uow: UnitOfWork, recorded: RecordedResults) -> Ingestion:
+        ingestion = uow.ingestions.get_by_pk(recorded.ingestion_pk)
+        assert ingestion is not None  # leases are deleted with their ingestion
+        return ingestion
+
+    def _result_row(self, ingestion: Ingestion | None, report: FileReport) -> ReportedResult:
+        outcome = report.outcome
+        if outcome.succeeded:
+            state, next_at = FileState.SUCCEEDED, None
+        else:
+            assert ingestion is not None
+            state, next_at = self._next_state(ingestion, report.attempt, outcome)
+        return ReportedResult(
+            report.file_id, report.attempt, state, records=outcome.records, size=outcome.bytes,
+            error_type=outcome.error_type, error_message=outcome.error_message, retryable=outcome.retryable,
+            next_attempt_at=next_at,
+        )  # fmt: skip
 
     @staticmethod
     def _next_state(ingestion: Ingestion, attempt: int, outcome: FileOutcome) -> tuple[FileState, datetime | None]:
-        if outcome.succeeded:
-            return FileState.SUCCEEDED, None
         state = state_after_failure(attempt, ingestion.spec.limits.max_attempts, outcome.retryable)
         if state is not FileState.FAILED:
             return state, None
@@ -202,19 +310,26 @@ class LeaseService:
 
     @staticmethod
     def _replayed(
-        uow: UnitOfWork, lease: Lease, file_id: int, attempt: int, outcome: FileOutcome, ingestion: Ingestion
-    ) -> tuple[FileState, datetime | None]:
+        uow: UnitOfWork,
+        lease_id: uuid.UUID,
+        reports: dict[int, FileReport],
+        recorded_now: RecordedResults,
+        ingestion: Ingestion,
+    ) -> dict[int, ReportAnswer]:
         """The identical result, already recorded, gets the recorded answer; anything else lost the lease."""
-        recorded: Any = uow.leases.recorded_result(lease.id, file_id, attempt)
-        if recorded is not None and (recorded.outcome == "SUCCEEDED") == outcome.succeeded:
-            if outcome.succeeded:
-                return FileState.SUCCEEDED, None
-            return state_after_failure(attempt, ingestion.spec.limits.max_attempts, recorded.retryable), None
-        raise LeaseLost(
-            f"ingestions/{ingestion.ingestion_id}/files/{file_id} is no longer held by {lease.name} "
-            f"with attempt {attempt}",
-            metadata={"lease": lease.name, "file": f"ingestions/{ingestion.ingestion_id}/files/{file_id}"},
-        )
+        recorded = uow.leases.recorded_results(lease_id, {f: r.attempt for f, r in reports.items()})
+        answers = {}
+        for file_id, report in reports.items():
+            previous: Any = recorded.get(file_id)
+            state: FileState | None = None
+            if previous is not None and (previous.outcome == "SUCCEEDED") == report.outcome.succeeded:
+                state = (
+                    FileState.SUCCEEDED
+                    if report.outcome.succeeded
+                    else state_after_failure(report.attempt, ingestion.spec.limits.max_attempts, previous.retryable)
+                )
+            answers[file_id] = ReportAnswer(file_id, recorded_now.file_name(file_id), state)
+        return answers
 
     def release(self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_ids: list[int]) -> int:
         with self._uow_factory() as uow:

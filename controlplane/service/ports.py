@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from controlplane.domain.ingestion import Ingestion, IngestionState
-from controlplane.domain.leases import Lease, LeasedFile
+from controlplane.domain.leases import Lease, LeasedFile, RecordedResults, ReportedResult
 from controlplane.domain.runs import File, FileAttempt, FileState, ListedFile, Run, RunState
 
 
@@ -78,6 +78,8 @@ class RunRepository(Protocol):
     def release_discovery(self, run_pk: uuid.UUID, owner: str) -> None: ...
 
     def end_discovery(self, run_pk: uuid.UUID, owner: str, error: str | None = None) -> bool: ...
+
+    def finished_running(self, limit: int) -> list[uuid.UUID]: ...
 
     def finalize_if_done(self, run_pk: uuid.UUID) -> RunState | None: ...
 
@@ -148,22 +150,11 @@ class LeaseRepository(Protocol):
 
     def extend(self, lease_id: uuid.UUID, ttl: timedelta) -> datetime | None: ...
 
-    def record_result(
-        self,
-        lease: Lease,
-        file_id: int,
-        attempt: int,
-        *,
-        new_state: FileState,
-        records: int,
-        size: int,
-        error_type: str,
-        error_message: str,
-        retryable: bool,
-        next_attempt_at: datetime | None,
-    ) -> uuid.UUID | None: ...
+    def record_results(
+        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult]
+    ) -> RecordedResults | None: ...
 
-    def recorded_result(self, lease_id: uuid.UUID, file_id: int, attempt: int) -> Any | None: ...
+    def recorded_results(self, lease_id: uuid.UUID, attempts: dict[int, int]) -> dict[int, Any]: ...
 
     def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]: ...
 

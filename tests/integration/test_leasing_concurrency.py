@@ -83,10 +83,6 @@ def thread_worker(address: str, agent: str, records: list[list[Any]], errors: li
         errors.append(error)
 
 
-@pytest.mark.skip(
-    reason="issue 4 in progress: 8 agents over 10,000 files do not finish within the test's 150 s yet "
-    "(reports run at ~100/s on 2 cores; see docs/benchmarks.md). Passes with LEASE_TEST_FILES=2000."
-)
 @pytest.mark.timeout(900)
 def test_eight_concurrent_leasers_over_ten_thousand_files(make_api: Callable[..., Api], engine: Engine) -> None:
     api = make_api(60.0)  # leases stay valid for the whole test: no file may be handed out twice

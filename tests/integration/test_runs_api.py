@@ -578,7 +578,7 @@ def test_watch_streams_progress_until_terminal(
                 r=pk,
             )
             watcher.until(lambda r, step=step: r.file_counts.succeeded == 10 * step)
-        assert finalize(uow_factory, engine, run.name) == "SUCCEEDED"
+        # Nothing reported these files, so the finalization sweep ends the run (within ~1 s).
         assert watcher.ended(), "the stream did not end after the run ended"
     finally:
         watcher.cancel()
