@@ -1,5 +1,8 @@
-"""The autoloader agent: leases files, processes them with Spark, commits to Iceberg.
+"""The autoloader agent: leases files, processes them with Spark, commits them to Iceberg.
 
-Empty until the leasing API lands; the package exists so the layout and the
-type checker cover it from the start.
+Modules, one job each: config (settings), protocol (the lease RPCs with retries),
+heartbeat (keeps a lease alive), staging (object-store files to local paths),
+reader (Spark: files -> DataFrame with metadata columns), evolution (aligning a
+batch to the table's schema), sink (Iceberg: staged Parquet -> one commit),
+worker (the lease -> process -> report loop, with poison isolation).
 """

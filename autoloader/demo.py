@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -62,18 +63,31 @@ def write_sample_files(state_dir: Path) -> Path:
     return directory
 
 
-def discover(client: Client, ingestion: pb.Ingestion) -> run_pb2.Run:
-    """Starts a run (cancelling a leftover one from an earlier demo) and waits until its files are discovered."""
+def start_demo_run(client: Client, ingestion: pb.Ingestion) -> run_pb2.Run:
+    """Starts a run, cancelling a leftover one from an interrupted earlier demo."""
     try:
-        run = client.start_run(ingestion.name)
+        return client.start_run(ingestion.name)
     except grpc.RpcError as exc:
         if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
             raise
         for active in client.list_runs(ingestion.name, filter="state = RUNNING OR state = DISCOVERING"):
             client.cancel_run(active.name)
-        run = client.start_run(ingestion.name)
-    for update in client.watch_run(run.name):
-        run = update
-        if run.state != run_pb2.Run.STATE_DISCOVERING:
-            break
-    return run
+        return client.start_run(ingestion.name)
+
+
+def show_table(sink: Any, table_name: str, rows: int = 5) -> None:
+    """Prints the table's row count and a few rows, read back from Iceberg with pyiceberg."""
+    from rich.table import Table
+
+    from autoloader.cli.output import console, err_console
+
+    table = sink.table(table_name)
+    if table is None:
+        err_console.print(f"{table_name} has not been created (no rows were loaded)")
+        return
+    data = table.scan().to_arrow()
+    err_console.print(f"\n{table_name}: {data.num_rows} rows (Iceberg snapshot {table.current_snapshot().snapshot_id})")
+    view = Table(*data.column_names)
+    for row in data.slice(0, rows).to_pylist():
+        view.add_row(*(str(v) for v in row.values()))
+    console.print(view)

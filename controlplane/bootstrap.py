@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
@@ -84,6 +85,8 @@ class ControlPlane:
     discovery: DiscoveryLoop
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
+    # Where the data lives (the embedded server's URL when embedded); for agents on this machine.
+    database_url: str = field(default="", repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -204,13 +207,15 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         if embedded is not None:
             embedded.stop()
         raise
-    plane = ControlPlane(server, executor, port, engine, health, maintenance, discovery, embedded, settings)
+    plane = ControlPlane(
+        server, executor, port, engine, health, maintenance, discovery, embedded, settings, database_url=url
+    )
     log.info("serving", extra={"action": "server.start", "address": plane.address})
     return plane
 
 
-def wait_for_signal(plane: ControlPlane) -> None:
-    """Blocks until SIGTERM or SIGINT, then shuts the control plane down gracefully."""
+def wait_for_signal(plane: ControlPlane, before_stop: Callable[[], None] | None = None) -> None:
+    """Blocks until SIGTERM or SIGINT, then shuts the control plane down gracefully (after `before_stop`)."""
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -221,7 +226,11 @@ def wait_for_signal(plane: ControlPlane) -> None:
     try:
         done.wait()
     finally:
-        plane.stop()
+        try:
+            if before_stop is not None:
+                before_stop()
+        finally:
+            plane.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -52,7 +52,7 @@ def main_options(
     ctx.obj = Globals(address=address, token=token, output=output)
 
 
-def _run_control_plane(state_dir: Path | None, banner: bool) -> None:
+def _run_control_plane(state_dir: Path | None, banner: bool, with_agent: bool = False) -> None:
     # Imported here: the SDK and the client commands do not need the server's dependencies loaded.
     from controlplane import bootstrap, logs
     from controlplane.config import ControlPlaneSettings
@@ -65,14 +65,25 @@ def _run_control_plane(state_dir: Path | None, banner: bool) -> None:
         plane = bootstrap.start(settings)
     except bootstrap.StartupError as exc:
         raise CliError(f"control plane did not start: {exc}") from exc
+    agent = None
+    if with_agent:
+        from autoloader.local import start_agent
+
+        try:
+            with err_console.status("starting the agent (local Spark)..."):
+                agent = start_agent(plane.address, plane.database_url, settings.state_dir)
+        except BaseException:
+            plane.stop()
+            raise
     if banner:
         database = "embedded PostgreSQL in " + str(settings.state_dir) if settings.database_url is None else "external"
         err_console.print(
-            f"[bold green]autoloader is up[/] on {plane.address} ({database}).\n"
+            f"[bold green]autoloader is up[/] on {plane.address} ({database}"
+            f"{', one agent with local Spark' if agent else ''}).\n"
             f"Try: autoloader --address {plane.address} ingestions create -f examples/orders.yaml\n"
             "Stop with Ctrl-C."
         )
-    bootstrap.wait_for_signal(plane)
+    bootstrap.wait_for_signal(plane, agent.stop if agent else None)
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -105,8 +116,24 @@ def up(
         typer.Option("--state-dir", help="Where the embedded database lives (default ~/.autoloader)."),
     ] = None,
 ) -> None:
-    """Start everything on this machine: embedded PostgreSQL and the control plane, in the foreground."""
-    _run_control_plane(state_dir, banner=True)
+    """Start everything on this machine, in the foreground: embedded PostgreSQL, the control plane, one agent."""
+    _run_control_plane(state_dir, banner=True, with_agent=True)
+
+
+@app.command()
+def agent() -> None:
+    """Run one agent: lease files from the control plane (AUTOLOADER_ADDRESS), load them into Iceberg.
+
+    Stops on SIGTERM or Ctrl-C: no new leases, the current batch finishes within
+    AUTOLOADER_SHUTDOWN_GRACE seconds or its files are released.
+    """
+    from agent.config import AgentSettings
+    from agent.main import run
+    from controlplane import logs
+
+    settings = _settings(AgentSettings)
+    logs.configure(settings.log_level, os.environ.get("AUTOLOADER_LOG_FORMAT", "text"))
+    run(settings)
 
 
 @app.command()
@@ -114,12 +141,13 @@ def demo(
     ctx: typer.Context,
     state_dir: Annotated[
         Path | None,
-        typer.Option("--state-dir", help="Where the embedded database lives (default ~/.autoloader)."),
+        typer.Option("--state-dir", help="Where the embedded database and warehouse live (default ~/.autoloader)."),
     ] = None,
 ) -> None:
-    """Start everything on this machine, create a sample ingestion, discover its files, show them, and stop."""
-    from autoloader.cli.output import show_files, show_run
-    from autoloader.demo import apply_demo, discover, write_sample_files
+    """The whole job on this machine: sample files -> ingestion -> run with progress -> rows read back from Iceberg."""
+    from autoloader.cli.runs import follow
+    from autoloader.demo import apply_demo, show_table, start_demo_run, write_sample_files
+    from autoloader.local import start_agent
     from controlplane import bootstrap, logs
     from controlplane.config import ControlPlaneSettings
 
@@ -133,25 +161,26 @@ def demo(
             plane = bootstrap.start(settings)
         except bootstrap.StartupError as exc:
             raise CliError(f"control plane did not start: {exc}") from exc
+    agent = None
     try:
+        with err_console.status("starting the agent (local Spark, Iceberg warehouse)..."):
+            agent = start_agent(plane.address, plane.database_url, settings.state_dir)
         with Client(plane.address) as client:
             source = write_sample_files(settings.state_dir)
             ingestion, created = apply_demo(client, settings.state_dir)
             err_console.print(f"{'created' if created else 'found existing'} {ingestion.name} over {source}")
             show_ingestion(ingestion, g.output)
-            run = discover(client, ingestion)
-            counts = run.file_counts
-            err_console.print(
-                f"\n{run.name}: queued {counts.total} files (new, changed, or left unprocessed by an earlier run)"
-            )
-            show_run(run, g.output)
-            show_files(list(client.list_files(ingestion.name, run=run.name))[:5], g.output)
-            # No agent loads files yet; cancel so the next demo can start a run of its own.
-            client.cancel_run(run.name)
-            err_console.print("no agent loads files into Iceberg yet (it comes with leasing); run cancelled")
+            run = start_demo_run(client, ingestion)
+            err_console.print(f"\n{run.name}: loading new and changed files into {ingestion.destination.table}")
+            try:
+                follow(client, run.name, Globals(plane.address, None, g.output))
+            finally:
+                show_table(agent.worker.sink, ingestion.destination.table)
     finally:
+        if agent is not None:
+            agent.stop()
         plane.stop()
-    err_console.print(f"state kept in {settings.state_dir}; run `autoloader up` to keep the control plane running")
+    err_console.print(f"state kept in {settings.state_dir}; run `autoloader up` to keep everything running")
 
 
 def main() -> None:

@@ -7,8 +7,6 @@ from typing import Annotated
 
 import grpc
 import typer
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
@@ -16,6 +14,7 @@ from autoloader.cli.context import Globals, globals_of
 from autoloader.cli.errors import EXIT_FAILED, EXIT_UNAVAILABLE, CliError
 from autoloader.cli.output import err_console, run_done, run_state, show_run, show_runs
 from autoloader.client import Client, run_name
+from autoloader.rpc_errors import error_info
 from autoloader.v1 import run_pb2
 
 app = typer.Typer(help="Start, follow and cancel runs.", no_args_is_help=True)
@@ -27,17 +26,6 @@ RunArgument = Annotated[
 ACTIVE = frozenset({run_pb2.Run.STATE_DISCOVERING, run_pb2.Run.STATE_RUNNING})
 EXIT_INTERRUPTED = 130
 PLAIN_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-
-
-def _error_reason(error: grpc.RpcError) -> tuple[str, dict[str, str]]:
-    """The google.rpc.ErrorInfo reason and metadata of a failed call ("" when it has none)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason, dict(info.metadata)
-    return "", {}
 
 
 class _Rate(ProgressColumn):
@@ -134,7 +122,7 @@ def start(
         try:
             run = client.start_run(ingestion, request_id=request_id)
         except grpc.RpcError as exc:
-            reason, metadata = _error_reason(exc)
+            reason, metadata = error_info(exc)
             if reason != "RUN_IN_PROGRESS":
                 raise
             active = metadata.get("run", "")

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import and_, case, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -299,14 +299,27 @@ class SqlLeaseRepository:
         )
 
     def recorded_results(self, lease_id: uuid.UUID, attempts: dict[int, int]) -> dict[int, Any]:
-        """The results this lease already recorded for these files (file -> attempt), by file."""
+        """The results this lease already recorded for these files (file -> attempt), by file.
+
+        Each row has the attempt's outcome and retryable flag, and the file's retry
+        time while the file still waits on that failed attempt (else None).
+        """
         rows = self._session.execute(
-            select(FileAttemptRow).where(
+            select(
+                FileAttemptRow.file_pk, FileAttemptRow.attempt, FileAttemptRow.outcome, FileAttemptRow.retryable,
+                case(
+                    (and_(FileRow.state == FileState.FAILED, FileRow.attempts == FileAttemptRow.attempt),
+                     FileRow.next_attempt_at),
+                    else_=None,
+                ).label("next_attempt_at"),
+            )
+            .join(FileRow, FileRow.id == FileAttemptRow.file_pk)
+            .where(
                 FileAttemptRow.lease_pk == lease_id,
                 FileAttemptRow.file_pk.in_(list(attempts)),
                 FileAttemptRow.outcome.in_(["SUCCEEDED", "FAILED"]),
             )
-        ).scalars()
+        ).all()  # fmt: skip
         return {row.file_pk: row for row in rows if attempts.get(row.file_pk) == row.attempt}
 
     def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]:

@@ -328,7 +328,8 @@ class LeaseService:
                     if report.outcome.succeeded
                     else state_after_failure(report.attempt, ingestion.spec.limits.max_attempts, previous.retryable)
                 )
-            answers[file_id] = ReportAnswer(file_id, recorded_now.file_name(file_id), state)
+            next_at = previous.next_attempt_at if state is FileState.FAILED else None
+            answers[file_id] = ReportAnswer(file_id, recorded_now.file_name(file_id), state, next_at)
         return answers
 
     def release(self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_ids: list[int]) -> int:

@@ -1,0 +1,67 @@
+"""Agent settings (environment, prefix AUTOLOADER_), with each default's reason."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_agent_name() -> str:
+    # host + pid: unique per process on a host, readable in `agents list`.
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:100] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def default_state_dir() -> Path:
+    return Path.home() / ".autoloader"
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AUTOLOADER_", extra="ignore")
+
+    # The control plane.
+    address: str = "127.0.0.1:50051"
+    token: SecretStr | None = None
+    agent_name: str = Field(default_factory=default_agent_name)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    # Spark: a Spark Connect URL (sc://host:15002) or a master URL; local by default.
+    spark_remote: str = ""
+    spark_master: str = "local[*]"
+    # Iceberg: the warehouse (default: state_dir/warehouse) and pyiceberg catalog properties
+    # (AUTOLOADER_CATALOG_URI, AUTOLOADER_CATALOG_TYPE=rest, ...). Without a catalog uri the
+    # catalog is a SqlCatalog in the control plane's database (DATABASE_URL, else the embedded one).
+    warehouse: str = ""
+    database_url: SecretStr | None = None
+    catalog_name: str = "autoloader"
+    # Source credentials by name, as on the control plane (credentials_ref -> fsspec options).
+    credentials: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
+    # Per lease: 0 takes the ingestion's limits.
+    max_files: int = Field(default=0, ge=0, le=10_000)
+    max_bytes: int = Field(default=0, ge=0)
+    # Long-poll for work this long per LeaseFiles call (seconds).
+    lease_wait: float = Field(default=20.0, ge=0, le=60)
+    # On SIGTERM: finish the current batch if it ends within this many seconds, else release it.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    # Capped exponential backoff (seconds) while the control plane is unavailable.
+    retry_initial: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=30.0, gt=0)
+    # Files sampled for schema inference on an ingestion's first batch.
+    infer_sample_files: int = Field(default=10, ge=1)
+    log_level: str = "INFO"
+
+    def catalog_properties(self) -> dict[str, str]:
+        """AUTOLOADER_CATALOG_<KEY>=value -> {key: value} (pyiceberg property names, lower case)."""
+        prefix = "AUTOLOADER_CATALOG_"
+        reserved = {"AUTOLOADER_CATALOG_NAME"}
+        return {
+            key[len(prefix) :].lower().replace("__", "."): value
+            for key, value in os.environ.items()
+            if key.startswith(prefix) and key not in reserved
+        }
+
+    def warehouse_uri(self) -> str:
+        return self.warehouse or (self.state_dir / "warehouse").resolve().as_uri()

@@ -1,0 +1,62 @@
+"""The long-lived Spark session and the Iceberg catalog an agent works with."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from agent.config import AgentSettings
+
+log = logging.getLogger(__name__)
+
+
+def spark_session(settings: AgentSettings) -> Any:
+    """Spark Connect when AUTOLOADER_SPARK_REMOTE is set, else a local (or master-URL) session."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(f"autoloader-agent-{settings.agent_name}")
+    if settings.spark_remote:
+        return builder.remote(settings.spark_remote).getOrCreate()
+    os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", "python3"))
+    session = (
+        builder.master(settings.spark_master)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "8")
+        # Iceberg stores timestamps as microseconds; Spark's default INT96 is not readable by pyiceberg.
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        # Partition values (day, hour) and _ingested_at are computed in UTC, as Iceberg does.
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.memory", os.environ.get("AUTOLOADER_SPARK_DRIVER_MEMORY", "2g"))
+        .getOrCreate()
+    )
+    # Failures reach our log as the errors of the files they belong to.
+    session.sparkContext.setLogLevel("OFF")
+    return session
+
+
+def catalog(settings: AgentSettings, database_url: str | None = None) -> Any:
+    """AUTOLOADER_CATALOG_* properties if given, else a SqlCatalog in the control plane's database."""
+    from pyiceberg.catalog import load_catalog
+
+    properties = settings.catalog_properties()
+    properties.setdefault("warehouse", settings.warehouse_uri())
+    if "uri" not in properties and "type" not in properties:
+        url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
+        if url is None:
+            from controlplane.adapters.embedded_postgres import EmbeddedPostgres
+
+            url = EmbeddedPostgres(settings.state_dir).start()
+        properties["type"] = "sql"
+        properties["uri"] = _psycopg3(url)
+    if properties.get("warehouse", "").startswith("file://"):
+        os.makedirs(properties["warehouse"].removeprefix("file://"), exist_ok=True)
+    return load_catalog(settings.catalog_name, **properties)
+
+
+def _psycopg3(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url

@@ -1,0 +1,65 @@
+"""`autoloader agent`: one agent process, stopped gracefully by SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import grpc
+
+from agent.config import AgentSettings
+from agent.engine import catalog, spark_session
+from agent.protocol import LeaseClient
+from agent.sink import IcebergSink
+from agent.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def build_worker(settings: AgentSettings, *, database_url: str | None = None, stop: threading.Event | None = None,
+                 spark: Any = None) -> tuple[Worker, grpc.Channel]:  # fmt: skip
+    stop = stop or threading.Event()
+    channel = grpc.insecure_channel(settings.address)
+    metadata: tuple[tuple[str, str], ...] = ()
+    if settings.token is not None:
+        metadata = (("authorization", f"Bearer {settings.token.get_secret_value()}"),)
+    client = LeaseClient(
+        channel, settings.agent_name, stop, retry_initial=settings.retry_initial, retry_max=settings.retry_max,
+        metadata=metadata,
+    )  # fmt: skip
+    worker = Worker(
+        client,
+        spark if spark is not None else spark_session(settings),
+        IcebergSink(catalog(settings, database_url)),
+        credentials=settings.credentials,
+        max_files=settings.max_files,
+        max_bytes=settings.max_bytes,
+        lease_wait=settings.lease_wait,
+        shutdown_grace=settings.shutdown_grace,
+        stop=stop,
+    )
+    return worker, channel
+
+
+def run(settings: AgentSettings, *, database_url: str | None = None) -> None:
+    """Runs until SIGTERM/SIGINT: stop leasing, let the batch finish within the grace period, else release it."""
+    stop = threading.Event()
+    worker, channel = build_worker(settings, database_url=database_url, stop=stop)
+    thread = threading.Thread(target=worker.run, name="agent", daemon=True)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("stopping (signal %d)", signum, extra={"action": "agent.signal"})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread.start()
+    while thread.is_alive() and not stop.wait(0.5):
+        pass
+    thread.join(settings.shutdown_grace)
+    if thread.is_alive():
+        worker.abandon_current()
+        thread.join(30)
+    channel.close()

@@ -1,0 +1,311 @@
+"""The agent loop: lease (long-poll) -> process -> commit to Iceberg -> report, until stopped.
+
+A batch that fails is split in halves and each half retried, down to single
+files, so a poison file fails alone with its own error and the others commit.
+Nothing is committed once the lease may be lost (the heartbeat says so); an
+abandoned batch is neither committed nor reported, and its staged files are
+removed. On stop the current batch may finish within the grace period; after
+that it is abandoned and its files released (no attempt spent).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from agent.evolution import NewColumnsRejected, align
+from agent.heartbeat import Heartbeat
+from agent.protocol import Batch, LeaseClient, Stopped
+from agent.reader import SourceFile, UnsupportedFormat, read_batch
+from agent.sink import IcebergSink, PartitionUnsupported, Staged, spark_types
+from agent.staging import StagedFiles, StagingError
+from autoloader.v1 import lease_pb2
+
+log = logging.getLogger(__name__)
+
+Outcome = lease_pb2.ReportFileResultRequest
+# Test-only fault injection: "crash_after_commit" or "crash_before_commit" exits the process there.
+FAULT = "AUTOLOADER_TEST_FAULT"
+# Spark errors about a file's content: retrying the same bytes cannot help.
+_DATA_ERRORS = re.compile(
+    r"Malformed|FAILFAST|EOFException|Unexpected end of input|not a Parquet file|NOT_A_PARQUET|corrupt|"
+    r"Invalid UTF|CANNOT_PARSE|CANNOT_READ_FILE|FAILED_READ_FILE|incorrect header check|Not in GZIP format|"
+    r"Could not read footer|magic number|decompress|UNABLE_TO_INFER_SCHEMA",
+    re.IGNORECASE,
+)
+
+
+class LeaseGone(Exception):
+    """The lease was lost or the batch abandoned: do not commit, do not report."""
+
+
+@dataclass
+class BatchOutcome:
+    results: dict[str, lease_pb2.FileResult] = field(default_factory=dict)
+    committed_files: int = 0
+
+
+class Worker:
+    def __init__(
+        self,
+        client: LeaseClient,
+        spark: Any,
+        sink: IcebergSink,
+        *,
+        credentials: dict[str, dict[str, str]] | None = None,
+        max_files: int = 0,
+        max_bytes: int = 0,
+        lease_wait: float = 20.0,
+        shutdown_grace: float = 30.0,
+        stop: threading.Event | None = None,
+        on_batch: Callable[[Batch, BatchOutcome], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._spark = spark
+        self.sink = sink
+        self._credentials = credentials or {}
+        self._max_files = max_files
+        self._max_bytes = max_bytes
+        self._wait = lease_wait
+        self._grace = shutdown_grace
+        self.stop = stop or threading.Event()
+        self._abandon = threading.Event()
+        self._on_batch = on_batch
+        self._commit_lock = threading.Lock()
+
+    def run(self) -> None:
+        """Leases and processes batches until `stop` is set."""
+        log.info("agent started", extra={"action": "agent.start", "agent": self._client.agent})
+        while not self.stop.is_set():
+            try:
+                batch = self._client.lease(self._wait, self._max_files, self._max_bytes)
+            except Stopped:
+                break
+            if batch is not None:
+                self.process(batch)
+        log.info("agent stopped", extra={"action": "agent.stop", "agent": self._client.agent})
+
+    def abandon_current(self) -> None:
+        """Called when the grace period ran out: the batch in progress commits nothing."""
+        self._abandon.set()
+        try:
+            self._spark.interruptAll() if hasattr(self._spark, "interruptAll") else None
+            self._spark.sparkContext.cancelAllJobs()
+        except Exception:  # noqa: S110 - best effort; the batch checks the flag before committing
+            pass
+
+    def process(self, batch: Batch) -> BatchOutcome:
+        self._abandon.clear()
+        started = time.monotonic()
+        outcome = BatchOutcome()
+        with Heartbeat(self._client, batch.lease) as heartbeat:
+            try:
+                self._process(batch, list(batch.files), heartbeat, outcome)
+            except LeaseGone:
+                if self._abandon.is_set() and not heartbeat.lost.is_set():
+                    released = self._client.release(batch.lease.name)
+                    log.warning("batch abandoned on shutdown; %d files released", released,
+                                extra={"action": "agent.release", "lease": batch.lease.name})  # fmt: skip
+                else:
+                    log.warning("lease lost; batch abandoned", extra={"action": "agent.abandon",
+                                                                      "lease": batch.lease.name})  # fmt: skip
+                return outcome
+        if outcome.results:
+            answers = self._client.report(batch.lease.name, list(outcome.results.values()))
+            lost = [a.file for a in answers if a.lease_lost]
+            if lost:
+                log.warning("%d results were fenced (lease lost)", len(lost), extra={"action": "agent.fenced"})
+        failed = sum(r.outcome == Outcome.OUTCOME_FAILED for r in outcome.results.values())
+        log.info(
+            "batch done: %d files, %d failed, %.1fs", len(batch.files), failed, time.monotonic() - started,
+            extra={"action": "agent.batch", "lease": batch.lease.name},
+        )  # fmt: skip
+        if self._on_batch is not None:
+            self._on_batch(batch, outcome)
+        return outcome
+
+    def _process(
+        self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat, outcome: BatchOutcome
+    ) -> None:
+        try:
+            counts = self._ingest(batch, files, heartbeat)
+        except LeaseGone:
+            raise
+        except Exception as error:
+            if self._abandon.is_set() or not heartbeat.still_held():
+                raise LeaseGone() from error
+            if len(files) == 1:
+                outcome.results[files[0].name] = _failure(files[0], error)
+                return
+            # Isolate the poison: each half commits or splits again.
+            middle = len(files) // 2
+            log.info("batch of %d failed (%s); retrying halves", len(files), type(error).__name__,
+                     extra={"action": "agent.split", "lease": batch.lease.name})  # fmt: skip
+            self._process(batch, files[:middle], heartbeat, outcome)
+            self._process(batch, files[middle:], heartbeat, outcome)
+            return
+        for f in files:
+            outcome.results[f.name] = lease_pb2.FileResult(
+                file=f.name, attempt=f.attempt, outcome=Outcome.OUTCOME_SUCCEEDED,
+                records=counts.get(f.path, 0), bytes=f.size_bytes,
+            )  # fmt: skip
+        outcome.committed_files += len(files)
+
+    def _ingest(self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat) -> dict[str, int]:
+        """Reads, stages and commits `files`; returns records per source path."""
+        ingestion = batch.ingestion
+        name = ingestion.destination.table
+        uris = [f.path for f in files]
+        source = ingestion.source
+        with StagedFiles(uris, self._credentials, source.credentials_ref, dict(source.options)) as staged:
+            sources = [
+                SourceFile(
+                    uri=f.path, local=staged.local(f.path),
+                    modified_time=f.modified_time.ToDatetime() if f.HasField("modified_time") else None,
+                    run=f.run.rpartition("/")[2],
+                )
+                for f in files
+            ]  # fmt: skip
+            frame = read_batch(self._spark, ingestion.format, ingestion.schema, sources)
+            table = self.sink.table(name)
+            aligned = align(frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)
+            location = str(table.location()) if table is not None else self.sink.location_for(name)
+            prefix = self.sink.staging_prefix(location, batch.lease.name)
+            try:
+                written = _write(aligned.frame, prefix, list(ingestion.destination.partition_by))
+                counts = _counts(self._spark, prefix) if written else {}
+                data_files = [f for f in written if _rows(f) > 0]
+                arrow_schema = _arrow_schema(written[0]) if written else None
+                with self._commit_lock:
+                    if self._abandon.is_set() or not heartbeat.still_held():
+                        raise LeaseGone()
+                    _fault("crash_before_commit")
+                    # Rows to add, or a table whose rows of these files must go (a file now empty).
+                    # Empty files alone do not create a table: it would have no columns but ours.
+                    if data_files or table is not None:
+                        self.sink.commit(
+                            name, Staged(prefix, data_files), arrow_schema, uris, batch.lease.name,
+                            list(ingestion.destination.partition_by),
+                        )  # fmt: skip
+                    _fault("crash_after_commit")
+            except BaseException:
+                self.sink.discard(prefix)
+                raise
+        return counts
+
+
+def _write(frame: Any, prefix: str, partition_by: list[Any]) -> list[str]:
+    """Writes the frame as Parquet under prefix; returns the data files (URIs)."""
+    from pyspark.sql import functions as F
+
+    writer_frame = frame
+    keys: list[str] = []
+    for i, field_ in enumerate(partition_by):
+        key = f"_p{i}"
+        key_expr = _partition_key(F, frame, field_.column, field_.transform or "identity")
+        writer_frame = writer_frame.withColumn(key, key_expr)
+        keys.append(key)
+    writer = writer_frame.write.mode("error")
+    if keys:
+        # One directory per partition value, so each file holds a single value (the partition
+        # columns themselves stay in the files; the _p keys only group them).
+        writer = writer.partitionBy(*keys)
+    writer.parquet(prefix)
+    return _parquet_files(prefix)
+
+
+def _partition_key(F: Any, frame: Any, column: str, transform: str) -> Any:
+    """A Spark expression with one value per Iceberg partition of `transform`."""
+    col = F.col(column)
+    kind, _, width = transform.partition("[")
+    if kind == "identity":
+        return col
+    if kind == "year":
+        return F.year(col)
+    if kind == "month":
+        return F.date_format(col, "yyyy-MM")
+    if kind == "day":
+        return F.to_date(col)
+    if kind == "hour":
+        return F.date_trunc("hour", col)
+    if kind == "truncate":
+        w = int(width.rstrip("]"))
+        if frame.schema[column].dataType.simpleString() in ("string", "binary"):
+            return F.substring(col, 1, w)
+        return col - F.pmod(col, F.lit(w))
+    raise PartitionUnsupported(f"partition transform {transform!r} is not supported by this agent")
+
+
+def _parquet_files(prefix: str) -> list[str]:
+    parsed = urlparse(prefix)
+    if parsed.scheme in ("file", ""):
+        from pathlib import Path
+
+        return sorted(p.as_uri() for p in Path(parsed.path).rglob("*.parquet"))
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(prefix)
+    return sorted(f"{parsed.scheme}://{p}" for p in fs.find(path) if p.endswith(".parquet"))
+
+
+def _rows(uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(_arrow_path(uri)).num_rows)
+
+
+def _arrow_schema(uri: str) -> Any:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(_arrow_path(uri))
+    return schema.remove_metadata()
+
+
+def _arrow_path(uri: str) -> str:
+    return urlparse(uri).path if uri.startswith("file://") else uri
+
+
+def _counts(spark: Any, prefix: str) -> dict[str, int]:
+    rows = spark.read.parquet(prefix).groupBy("_source_file").count().collect()
+    return {row["_source_file"]: int(row["count"]) for row in rows}
+
+
+def _failure(file: lease_pb2.LeasedFile, error: BaseException) -> lease_pb2.FileResult:
+    kind, retryable = _classify(error)
+    return lease_pb2.FileResult(
+        file=file.name, attempt=file.attempt, outcome=Outcome.OUTCOME_FAILED,
+        error=lease_pb2.FileErrorDetail(type=kind, message=_message(error), retryable=retryable),
+    )  # fmt: skip
+
+
+def _classify(error: BaseException) -> tuple[str, bool]:
+    if isinstance(error, NewColumnsRejected):
+        return "NewColumnsRejected", False
+    if isinstance(error, (UnsupportedFormat, PartitionUnsupported)):
+        return type(error).__name__, False
+    if isinstance(error, StagingError):
+        return "SourceUnavailable", True
+    text = str(error)
+    if _DATA_ERRORS.search(text):
+        return "MalformedFile", False
+    return type(error).__name__, True
+
+
+def _message(error: BaseException) -> str:
+    """The first meaningful lines of an error, without JVM stack traces."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("at ", "JVM stacktrace", "..."))][:3]
+    return (" ".join(kept) or type(error).__name__)[:1000]
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT) == point:
+        log.warning("test fault: exiting at %s", point, extra={"action": "agent.fault"})
+        os._exit(17)
