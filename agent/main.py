@@ -63,3 +63,4 @@ def run(settings: AgentSettings, *, database_url: str | None = None) -> None:
         worker.abandon_current()
         thread.join(30)
     channel.close()
+    worker.sink.close()

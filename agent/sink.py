@@ -60,6 +60,12 @@ class IcebergSink:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
 
+    def close(self) -> None:
+        """Releases the catalog's database connections (a SqlCatalog holds a pool)."""
+        engine = getattr(self.catalog, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
     def table(self, name: str) -> Table | None:
         try:
             return self.catalog.load_table(name)

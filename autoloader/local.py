@@ -25,6 +25,7 @@ class LocalAgent:
             self.worker.abandon_current()
             self.thread.join(30)
         self.channel.close()
+        self.worker.sink.close()
 
 
 def start_agent(address: str, database_url: str, state_dir: Path, **overrides: Any) -> LocalAgent:
