@@ -48,32 +48,32 @@ def align(df: Any, table_columns: dict[str, str] | None, evolution: int) -> Alig
     if new and evolution == Schema.EVOLUTION_FAIL_ON_NEW_COLUMNS:
         raise NewColumnsRejected(new)
     rescued: list[Any] = []
+    converted: dict[str, Any] = {}
     present = {c.lower(): c for c in df.columns}
     for name, type_ in table_columns.items():
         if name in METADATA_COLUMNS or name == RESCUED:
             continue
         source = present.get(name.lower())
         if source is None:
-            df = df.withColumn(name, F.lit(None).cast(type_))
-            continue
-        if _spark_type(df, source) != type_:
-            converted = F.expr(f"try_cast(`{source}` AS {type_})")
+            converted[name] = F.lit(None).cast(type_)
+        elif _spark_type(df, source) != type_:
+            cast = F.expr(f"try_cast(`{source}` AS {type_})")
             # The original text of a value that did not fit the table's type.
-            rescued.append(
-                F.when(converted.isNull() & F.col(source).isNotNull(), F.col(source).cast("string")).alias(name)
-            )
-            df = df.withColumn(name, converted)
+            rescued.append(F.when(cast.isNull() & F.col(source).isNotNull(), F.col(source).cast("string")).alias(name))
+            converted[name] = cast
         elif source != name:
-            df = df.withColumnRenamed(source, name)
+            converted[name] = F.col(source)
     added: list[str] = []
     if evolution == Schema.EVOLUTION_RESCUE:
+        # Rescue first: it reads the original values, which the conversions below replace.
         rescued.extend(F.col(c).alias(c) for c in new)
-        df = _rescue(df, rescued)
-        df = df.drop(*new)
+        df = _rescue(df, rescued).drop(*new)
     elif evolution == Schema.EVOLUTION_NONE:
         df = df.drop(*new)
     else:
         added = new
+    if converted:
+        df = df.withColumns(converted)
     columns = [c for c in table_columns if c not in METADATA_COLUMNS and c != RESCUED] + added
     if evolution == Schema.EVOLUTION_RESCUE or RESCUED in table_columns:
         columns.append(RESCUED)

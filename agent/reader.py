@@ -67,16 +67,16 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile])
         reader = reader.schema(ddl)
     reader = _with_options(reader, fmt, rescue)
     paths = [_glob_escaped(local_path(f.local)) for f in files]
-    frame = {
+    read = {
         Format.TYPE_JSON: reader.json,
         Format.TYPE_CSV: reader.csv,
-        Format.TYPE_PARQUET: reader.parquet,
+        Format.TYPE_PARQUET: lambda p: reader.parquet(*p),  # varargs, unlike the others
         Format.TYPE_ORC: reader.orc,
         Format.TYPE_TEXT: reader.text,
     }.get(fmt.type)
-    if frame is None:
+    if read is None:
         raise UnsupportedFormat(f"format {Format.Type.Name(fmt.type)} is not supported by this agent's Spark")
-    df = frame(paths)
+    df = read(paths)
     if rescue and _CORRUPT in df.columns:
         df = df.withColumnRenamed(_CORRUPT, RESCUED)
     for name, type_ in schema.hints.items():

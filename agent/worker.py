@@ -248,7 +248,8 @@ def _parquet_files(prefix: str) -> list[str]:
     if parsed.scheme in ("file", ""):
         from pathlib import Path
 
-        return sorted(p.as_uri() for p in Path(parsed.path).rglob("*.parquet"))
+        # Plain file:// paths, not percent-encoded: pyiceberg and pyarrow take them verbatim.
+        return sorted(f"file://{p}" for p in Path(parsed.path).rglob("*.parquet"))
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(prefix)
@@ -269,7 +270,7 @@ def _arrow_schema(uri: str) -> Any:
 
 
 def _arrow_path(uri: str) -> str:
-    return urlparse(uri).path if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def _counts(spark: Any, prefix: str) -> dict[str, int]:
