@@ -52,6 +52,7 @@ class PartitionUnsupported(Exception):
 
 @dataclass(frozen=True)
 class Staged:
+    location: str  # the table's location (a new table is created there)
     prefix: str  # the staging directory (URI)
     files: list[str]  # Parquet data files under it
 
@@ -97,7 +98,7 @@ class IcebergSink:
         """Replaces the sources' rows with the staged files in one snapshot commit; returns the snapshot id."""
         properties = {LEASE_PROPERTY: lease}
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            table = self.table(name) or self._create(name, arrow_schema, partition_by)
+            table = self.table(name) or self._create(name, arrow_schema, partition_by, staged.location)
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "Delete operation did not match any records"
@@ -117,11 +118,13 @@ class IcebergSink:
                 time.sleep(random.uniform(0, 0.05 * 2**attempt))  # noqa: S311 - jitter
         raise AssertionError("unreachable")
 
-    def _create(self, name: str, arrow_schema: Any, partition_by: list[ingestion_pb2.PartitionField]) -> Table:
+    def _create(
+        self, name: str, arrow_schema: Any, partition_by: list[ingestion_pb2.PartitionField], location: str
+    ) -> Table:
         namespace = name.rpartition(".")[0]
         self.catalog.create_namespace_if_not_exists(namespace)
-        schema = _optional(arrow_schema)
-        table = self.catalog.create_table_if_not_exists(name, schema=schema)
+        # At the location the batch was staged under, so the data files are inside the table.
+        table = self.catalog.create_table_if_not_exists(name, schema=_optional(arrow_schema), location=location)
         if partition_by:
             with table.update_spec() as spec:
                 for field in partition_by:

@@ -137,6 +137,20 @@ def _migrate(engine: Engine) -> None:
         raise StartupError(message) from exc
 
 
+def _spark_has_avro(settings: ControlPlaneSettings) -> bool:
+    """Avro needs the spark-avro package; the pyspark wheel does not ship it."""
+    if settings.spark_avro is not None:
+        return settings.spark_avro
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("pyspark")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    jars = Path(next(iter(spec.submodule_search_locations))) / "jars"
+    return any(jars.glob("spark-avro_*.jar"))
+
+
 def start(settings: ControlPlaneSettings) -> ControlPlane:
     url, embedded = _database_url(settings)
     engine = make_engine(url, pool_size=settings.db_pool_size)
@@ -162,7 +176,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         def uow_factory() -> SqlAlchemyUnitOfWork:
             return SqlAlchemyUnitOfWork(session_factory)
 
-        ingestions = IngestionService(uow_factory)
+        ingestions = IngestionService(uow_factory, avro=_spark_has_avro(settings))
         run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
         runs = RunService(uow_factory, run_changes, discovery_wakeup)
         files = FileService(uow_factory, run_changes)

@@ -56,5 +56,7 @@ class ControlPlaneSettings(BaseSettings):
     credentials: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
     # How long a lease lasts without an extension; agents extend at a third of it.
     lease_ttl: Duration = timedelta(seconds=60)
+    # Whether the agents' Spark can read Avro (spark-avro). Unset: whether this machine's pyspark has it.
+    spark_avro: bool | None = None
     log_format: str = "text"
     log_level: str = "INFO"

@@ -8,9 +8,9 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.domain.errors import EtagMismatch, FailedPrecondition, WrongState
+from controlplane.domain.errors import EtagMismatch, FailedPrecondition, InvalidArgument, WrongState
 from controlplane.domain.idempotency import RequestKey
-from controlplane.domain.ingestion import Ingestion, IngestionSpec, IngestionState
+from controlplane.domain.ingestion import FormatType, Ingestion, IngestionSpec, IngestionState
 from controlplane.domain.masks import apply_mask
 from controlplane.domain.paging import next_page_token, page_request, parse_state_filter
 from controlplane.domain.validation import check_ingestion_id, validate_spec
@@ -53,8 +53,17 @@ def _load(data: dict[str, Any]) -> Ingestion:
 
 
 class IngestionService:
-    def __init__(self, uow_factory: Callable[[], UnitOfWork]) -> None:
+    def __init__(self, uow_factory: Callable[[], UnitOfWork], *, avro: bool = False) -> None:
+        self._avro = avro
         self._uow_factory = uow_factory
+
+    def _check_engine_supports(self, spec: IngestionSpec) -> None:
+        if spec.format.type is FormatType.AVRO and not self._avro:
+            raise InvalidArgument.field(
+                "format.type",
+                "AVRO needs spark-avro in the agents' Spark, which this deployment's Spark does not include; "
+                "set AUTOLOADER_SPARK_AVRO=true on the control plane if your agents' Spark has it",
+            )
 
     def create(
         self, tenant: str, spec: IngestionSpec, ingestion_id: str = "", key: RequestKey | None = None
@@ -62,6 +71,7 @@ class IngestionService:
         if ingestion_id:
             check_ingestion_id(ingestion_id)
         validate_spec(spec)
+        self._check_engine_supports(spec)
 
         def work() -> Ingestion:
             ingestion = Ingestion(
@@ -117,6 +127,7 @@ class IngestionService:
             )
             spec = IngestionSpec.model_validate(merged)
             validate_spec(spec)
+            self._check_engine_supports(spec)
             ingestion.spec = spec.with_defaults()
             return uow.ingestions.with_file_counts([uow.ingestions.save(ingestion)])[0]
 

@@ -107,3 +107,31 @@ def test_bad_files_fail_alone_with_readable_errors(stack: Stack, workdir: Path) 
     assert {name for name, f in files.items() if f.state == File.STATE_SUCCEEDED} == set(files) - bad
     ids = sorted(r["id"] for r in stack.rows("e2e.poison"))
     assert ids == sorted([r["id"] + 10 * i for i in range(6) for r in good] + [300, 301, 302])
+
+
+def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack, workdir: Path) -> None:
+    import os
+
+    from agent import worker
+
+    source = workdir / "src"
+    write_jsonl(source / "a.json", [{"id": 1}])
+    ingestion = stack.create("orphans", source.as_uri(), Format(type=Format.TYPE_JSON))
+    stack.start_agent()
+    assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
+    stack.stop_agents()
+    staging = Path(stack.table("e2e.orphans").location().removeprefix("file://")) / "data" / "_staging"
+    (committed,) = list(staging.iterdir())
+    orphan = staging / "crashed-batch"
+    (orphan / "part-0.parquet").parent.mkdir()
+    (orphan / "part-0.parquet").write_bytes(b"PAR1")
+    old = 1_000_000_000  # 2001: long abandoned
+    for path in (orphan, committed):
+        os.utime(path, (old, old))
+    write_jsonl(source / "b.json", [{"id": 2}])
+    stack.start_agent("agent-2")
+    assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
+    assert not orphan.exists()
+    assert committed.exists()  # referenced by a snapshot, however old
+    assert sorted(r["id"] for r in stack.rows("e2e.orphans")) == [1, 2]
+    assert worker.ORPHAN_AGE >= 3600

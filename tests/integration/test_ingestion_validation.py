@@ -53,6 +53,7 @@ def shared_plane(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) ->
         listen_address="127.0.0.1:0",
         shutdown_grace=1.0,
         health_interval=0.2,
+        spark_avro=True,  # the format rules below cover AVRO too; its engine check is tested apart
     )
     plane = bootstrap.start(settings)
     try:
@@ -766,3 +767,17 @@ def test_fuzz_never_internal(ingestions: Stub) -> None:
     # The fuzz exercises both paths: accepted specs reach the database, rejected ones don't.
     assert outcomes.get("OK", 0) >= 5, outcomes
     assert outcomes.get("INVALID_ARGUMENT", 0) >= 50, outcomes
+
+
+def test_avro_is_rejected_when_the_spark_has_no_spark_avro(control_plane: bootstrap.ControlPlane) -> None:
+    """The pyspark wheel has no spark-avro: without AUTOLOADER_SPARK_AVRO an Avro ingestion would only fail later."""
+    with grpc.insecure_channel(control_plane.address) as channel:
+        stub = ingestion_pb2_grpc.IngestionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.CreateIngestion(
+                pb.CreateIngestionRequest(ingestion=valid_ingestion(format=pb.Format(type=pb.Format.TYPE_AVRO)))
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        violations = field_violations(raised.value)
+        assert "spark-avro" in violations["format.type"]
+        assert list(stub.ListIngestions(pb.ListIngestionsRequest()).ingestions) == []
