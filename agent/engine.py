@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from agent.config import AgentSettings
@@ -18,7 +19,8 @@ def spark_session(settings: AgentSettings) -> Any:
     builder = SparkSession.builder.appName(f"autoloader-agent-{settings.agent_name}")
     if settings.spark_remote:
         return builder.remote(settings.spark_remote).getOrCreate()
-    os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON", "python3"))
+    # Python workers (the bucket-partitioning UDF) run this interpreter, with our packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     session = (
         builder.master(settings.spark_master)
         .config("spark.ui.enabled", "false")

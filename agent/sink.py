@@ -28,6 +28,7 @@ from pyiceberg.expressions import In
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.transforms import (
+    BucketTransform,
     DayTransform,
     HourTransform,
     IdentityTransform,
@@ -94,8 +95,12 @@ class IcebergSink:
         sources: list[str],
         lease: str,
         partition_by: list[ingestion_pb2.PartitionField],
-    ) -> int:
-        """Replaces the sources' rows with the staged files in one snapshot commit; returns the snapshot id."""
+    ) -> bool:
+        """Replaces the sources' rows with the staged rows in one commit.
+
+        True if the staged files became the table's data files; False if their rows
+        were copied (the staged files are then the caller's to remove).
+        """
         properties = {LEASE_PROPERTY: lease}
         for attempt in range(1, COMMIT_ATTEMPTS + 1):
             table = self.table(name) or self._create(name, arrow_schema, partition_by, staged.location)
@@ -103,14 +108,16 @@ class IcebergSink:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "Delete operation did not match any records"
                     with table.transaction() as tx:
-                        if _new_columns(table.schema(), arrow_schema):
+                        if arrow_schema is not None and _new_columns(table.schema(), arrow_schema):
                             with tx.update_schema() as update:
                                 update.union_by_name(_optional(arrow_schema))
                         tx.delete(In("_source_file", set(sources)), snapshot_properties=properties)  # type: ignore[call-arg]
-                        if staged.files:
+                        if staged.files and _adoptable(table):
                             tx.add_files(staged.files, snapshot_properties=properties, check_duplicate_files=False)
-                snapshot = self.catalog.load_table(name).current_snapshot()
-                return snapshot.snapshot_id if snapshot else 0
+                        else:
+                            for path in staged.files:
+                                tx.append(_read(path), snapshot_properties=properties)
+                return _adoptable(table)
             except CommitFailedException:
                 if attempt == COMMIT_ATTEMPTS:
                     raise
@@ -178,6 +185,22 @@ def _referenced_files(table: Table) -> set[str]:
     return files
 
 
+def _adoptable(table: Table) -> bool:
+    """Whether staged files can join the table as they are.
+
+    add_files infers a file's partition from its column bounds, which works for
+    identity and the time and truncate transforms, not for bucket; a bucketed
+    table gets the staged rows appended (pyiceberg writes them again).
+    """
+    return not any(isinstance(field.transform, BucketTransform) for field in table.spec().fields)
+
+
+def _read(uri: str) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(uri.removeprefix("file://"))
+
+
 def _optional(arrow_schema: Any) -> Any:
     """Every column nullable: a later file may lack any column."""
     import pyarrow as pa
@@ -200,6 +223,8 @@ def _transform(text: str) -> Transform[Any, Any]:
         return simple[kind]
     if kind == "truncate":
         return TruncateTransform(int(width.rstrip("]")))
+    if kind == "bucket":
+        return BucketTransform(int(width.rstrip("]")))
     raise PartitionUnsupported(f"partition transform {text!r} is not supported by this agent")
 
 

@@ -215,10 +215,12 @@ class Worker:
                     # Rows to add, or a table whose rows of these files must go (a file now empty).
                     # Empty files alone do not create a table: it would have no columns but ours.
                     if data_files or table is not None:
-                        self.sink.commit(
+                        adopted = self.sink.commit(
                             name, Staged(location, prefix, data_files), arrow_schema, uris, batch.lease.name,
                             list(ingestion.destination.partition_by),
                         )  # fmt: skip
+                        if not adopted:
+                            self.sink.discard(prefix)
                     _fault("crash_after_commit")
                 log.debug("phases: write %.2fs counts %.2fs commit %.2fs", t1 - t0, t2 - t1, time.monotonic() - t2,
                          extra={"action": "agent.phases"})  # fmt: skip
@@ -267,7 +269,54 @@ def _partition_key(F: Any, frame: Any, column: str, transform: str) -> Any:
         if frame.schema[column].dataType.simpleString() in ("string", "binary"):
             return F.substring(col, 1, w)
         return col - F.pmod(col, F.lit(w))
+    if kind == "bucket":
+        return _iceberg_bucket(frame.schema[column].dataType.simpleString(), int(width.rstrip("]")))(col)
     raise PartitionUnsupported(f"partition transform {transform!r} is not supported by this agent")
+
+
+def _iceberg_bucket(spark_type: str, buckets: int) -> Any:
+    """Iceberg's bucket transform (murmur3 of the value's Iceberg encoding) as a vectorized UDF.
+
+    Spark's own hash() uses another seed and encoding, so the grouping must come
+    from pyiceberg for each file to hold a single Iceberg bucket.
+    """
+    import pandas as pd
+    from pyiceberg import types as T
+    from pyiceberg.transforms import BucketTransform
+    from pyspark.sql.pandas.functions import pandas_udf
+
+    iceberg_types: dict[str, T.PrimitiveType] = {
+        "int": T.IntegerType(), "bigint": T.LongType(), "string": T.StringType(), "date": T.DateType(),
+        "binary": T.BinaryType(), "timestamp": T.TimestamptzType(), "timestamp_ntz": T.TimestampType(),
+    }  # fmt: skip
+    source = iceberg_types.get(spark_type)
+    if source is None:
+        raise PartitionUnsupported(f"bucket[{buckets}] is not supported on a {spark_type} column by this agent")
+    bucket = BucketTransform(buckets).transform(source)
+
+    def iceberg_bucket(values: Any) -> Any:
+        return values.map(lambda v: None if v is None or v is pd.NaT else bucket(_iceberg_value(v))).astype("Int32")
+
+    # Real classes, not the strings `from __future__ import annotations` leaves: pyspark reads them.
+    iceberg_bucket.__annotations__ = {"values": pd.Series, "return": pd.Series}
+    return pandas_udf(iceberg_bucket, "int")  # type: ignore[call-overload]
+
+
+def _iceberg_value(value: Any) -> Any:
+    """pandas values as pyiceberg's bucket function takes them (dates as days, timestamps as micros)."""
+    import datetime as dt
+
+    import pandas as pd
+
+    if isinstance(value, pd.Timestamp):
+        return int(value.value // 1000)
+    if isinstance(value, dt.datetime):
+        return int(value.timestamp() * 1_000_000)
+    if isinstance(value, dt.date):
+        return (value - dt.date(1970, 1, 1)).days
+    if hasattr(value, "item"):
+        return value.item()  # numpy scalars
+    return value
 
 
 def _parquet_files(prefix: str) -> list[str]:

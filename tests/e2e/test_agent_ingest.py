@@ -77,6 +77,10 @@ def test_a_changed_file_replaces_its_rows(stack: Stack, workdir: Path) -> None:
     assert data(stack.rows("e2e.changes"), "id", "v") == Counter(
         {(1, "new"): 1, (4, "new"): 1, (5, "new"): 1, (3, "keep"): 1}
     )
+    # A file emptied at the source takes its rows with it.
+    (source / "a.json").write_text("")
+    assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
+    assert data(stack.rows("e2e.changes"), "id", "v") == Counter({(3, "keep"): 1})
 
 
 def test_bad_files_fail_alone_with_readable_errors(stack: Stack, workdir: Path) -> None:
