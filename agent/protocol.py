@@ -102,10 +102,12 @@ class LeaseClient:
         return self._stub.ExtendLease(request, timeout=CALL_TIMEOUT, metadata=self._metadata).lease
 
     def report(
-        self, lease: str, results: list[lease_pb2.FileResult]
+        self, lease: str, results: list[lease_pb2.FileResult], schema_version: int = 0
     ) -> list[lease_pb2.ReportFileResultsResponse.Result]:
         """Reports a batch's results; retried even while stopping, since the batch is committed."""
-        request = lease_pb2.ReportFileResultsRequest(lease=lease, agent=self.agent, results=results)
+        request = lease_pb2.ReportFileResultsRequest(
+            lease=lease, agent=self.agent, results=results, schema_version=schema_version
+        )
         reply = self._call(
             "report",
             lambda: self._stub.ReportFileResults(request, timeout=CALL_TIMEOUT, metadata=self._metadata),

@@ -61,6 +61,7 @@ class Staged:
 class IcebergSink:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
+        self.schema_version = 0  # the table's schema version after the last commit
 
     def close(self) -> None:
         """Releases the catalog's database connections (a SqlCatalog holds a pool)."""
@@ -117,6 +118,8 @@ class IcebergSink:
                         else:
                             for path in staged.files:
                                 tx.append(_read(path), snapshot_properties=properties)
+                # Versions count from 1 (0 is "no table yet"); Iceberg's schema ids count from 0.
+                self.schema_version = self.catalog.load_table(name).schema().schema_id + 1
                 return _adoptable(table)
             except CommitFailedException:
                 if attempt == COMMIT_ATTEMPTS:

@@ -54,6 +54,7 @@ class LeaseGone(Exception):
 class BatchOutcome:
     results: dict[str, lease_pb2.FileResult] = field(default_factory=dict)
     committed_files: int = 0
+    schema_version: int = 0  # the table's schema version after the batch's commits
 
 
 class Worker:
@@ -123,7 +124,7 @@ class Worker:
                                                                       "lease": batch.lease.name})  # fmt: skip
                 return outcome
         if outcome.results:
-            answers = self._client.report(batch.lease.name, list(outcome.results.values()))
+            answers = self._client.report(batch.lease.name, list(outcome.results.values()), outcome.schema_version)
             lost = [a.file for a in answers if a.lease_lost]
             if lost:
                 log.warning("%d results were fenced (lease lost)", len(lost), extra={"action": "agent.fenced"})
@@ -179,6 +180,7 @@ class Worker:
                 records=counts.get(f.path, 0), bytes=f.size_bytes,
             )  # fmt: skip
         outcome.committed_files += len(files)
+        outcome.schema_version = max(outcome.schema_version, self.sink.schema_version)
 
     def _ingest(self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat) -> dict[str, int]:
         """Reads, stages and commits `files`; returns records per source path."""

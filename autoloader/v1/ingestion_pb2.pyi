@@ -117,7 +117,9 @@ class Ingestion(_message.Message):
     state_message: _builtins.str
     """Output only. Why the ingestion is in ERROR, when it is."""
     schema_version: _builtins.int
-    """Output only. Incremented whenever the table schema evolves."""
+    """Output only. The table's schema version as agents report it: 0 before the
+    table exists, 1 when created, +1 each time its schema evolves.
+    """
     last_run: _builtins.str
     """Output only. Resource name of the latest run."""
     prefect_deployment_id: _builtins.str

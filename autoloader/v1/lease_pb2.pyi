@@ -467,10 +467,16 @@ class ReportFileResultsRequest(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     lease: _builtins.str
     """Required."""
     agent: _builtins.str
     """Required."""
+    schema_version: _builtins.int
+    """Optional. The table's schema version after the batch's commit (its
+    Iceberg schema id + 1); the ingestion's schema_version follows it and
+    never goes back.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileResult]:
         """Required. 1 to 10,000 results, each file at most once."""
@@ -481,10 +487,11 @@ class ReportFileResultsRequest(_message.Message):
         lease: _builtins.str = ...,
         agent: _builtins.str = ...,
         results: _abc.Iterable[Global___FileResult] | None = ...,
+        schema_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "lease", b"lease", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "lease", b"lease", "results", b"results", "schema_version", b"schema_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -351,6 +351,12 @@ class SqlLeaseRepository:
             self._session.execute(update(LeaseRow).where(LeaseRow.id == lease.id).values(state="RELEASED"))
         return [r.run_pk for r in rows]
 
+    def advance_schema_version(self, ingestion_pk: uuid.UUID, version: int) -> None:
+        self._session.execute(
+            text("UPDATE ingestions SET schema_version = :v WHERE id = :id AND schema_version < :v"),
+            {"id": ingestion_pk, "v": version},
+        )
+
     def list_agents(self, tenant: str) -> list[Any]:
         return list(
             self._session.execute(

@@ -122,7 +122,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     ) -> lease_pb2.ReportFileResultsResponse:
         agent, lease_id = _agent(request.agent), _lease_id(request.lease)
         reports = [_file_report(result, f"results[{i}].") for i, result in enumerate(request.results)]
-        answers = self._service.report_many(tenant_of(context), agent, lease_id, reports)
+        answers = self._service.report_many(
+            tenant_of(context), agent, lease_id, reports, schema_version=request.schema_version
+        )
         reply = lease_pb2.ReportFileResultsResponse()
         for answer in answers:
             result = reply.results.add(file=answer.file_name, lease_lost=answer.state is None)

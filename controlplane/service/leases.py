@@ -184,7 +184,7 @@ class LeaseService:
         return answer.state, answer.next_attempt_at
 
     def report_many(
-        self, tenant: str, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport]
+        self, tenant: str, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], schema_version: int = 0
     ) -> list[ReportAnswer]:
         """Records results of one lease in one transaction, committed before returning.
 
@@ -192,10 +192,12 @@ class LeaseService:
         longer holds changes nothing and is answered lost, unless this exact result was
         already recorded (a retried call), which gets the recorded answer.
         """
-        return self._record(agent_id, lease_id, reports, indexed=True)
+        if schema_version < 0:
+            raise InvalidArgument.field("schema_version", "must not be negative")
+        return self._record(agent_id, lease_id, reports, indexed=True, schema_version=schema_version)
 
     def _record(
-        self, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], *, indexed: bool
+        self, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], *, indexed: bool, schema_version: int = 0
     ) -> list[ReportAnswer]:
         self._check_reports(reports, indexed)
         with self._uow_factory() as uow:
@@ -224,6 +226,8 @@ class LeaseService:
                     uow, lease_id, replays, recorded, ingestion or self._ingestion_of_pk(uow, recorded)
                 )
                 answers = [a or replayed[r.file_id] for r, a in zip(reports, answers, strict=True)]
+            if schema_version and recorded.runs:
+                uow.leases.advance_schema_version(recorded.ingestion_pk, schema_version)
             fail_run = ingestion is not None and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN
             for row in rows:
                 run_pk = recorded.runs.get(row.file_id)

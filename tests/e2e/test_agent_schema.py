@@ -44,9 +44,13 @@ def by_id(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def test_add_new_columns_evolves_the_table_in_the_commit(stack: Stack, workdir: Path) -> None:
-    _, run = evolve(stack, workdir, Schema.EVOLUTION_ADD_NEW_COLUMNS)
+    ingestion, run = evolve(stack, workdir, Schema.EVOLUTION_ADD_NEW_COLUMNS)
     assert run.state == Run.STATE_SUCCEEDED, run
     assert "b" in columns(stack, "e2e.evolve")
+    # The control plane records the table's schema version: 1 at creation, 2 after adding b.
+    assert (
+        stack.ingestions.GetIngestion(ingestion_pb2.GetIngestionRequest(name=ingestion)).ingestion.schema_version == 2
+    )
     rows = by_id(stack.rows("e2e.evolve"))
     assert set(rows) == {1, 2, 3, 4, 5}
     assert rows[3]["b"] == "bee"

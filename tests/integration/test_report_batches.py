@@ -450,3 +450,28 @@ def test_bad_input_names_the_field_and_changes_nothing(api: Api) -> None:
     assert all(a.lease_lost for a in answers[1:])
     assert [(api.file_row(f.name).state) for f in got.files] == ["SUCCEEDED", "LEASED"]
     assert len(all_attempts(api.engine)) == 1
+
+
+def test_schema_version_follows_reports_and_never_goes_back(api: Api) -> None:
+    ingestion, _ = api.running("schema", 4)
+    got = api.lease("a1", max_files=2)
+    version = lambda: (
+        api.ingestions.GetIngestion(  # noqa: E731
+            ingestion_pb2.GetIngestionRequest(name=ingestion)
+        ).ingestion.schema_version
+    )
+    assert version() == 0
+    api.leases.ReportFileResults(
+        Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[0])], schema_version=3)
+    )
+    assert version() == 3
+    api.leases.ReportFileResults(
+        Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[1])], schema_version=2)
+    )
+    assert version() == 3  # an older agent's report does not roll it back
+    with pytest.raises(grpc.RpcError) as raised:
+        api.leases.ReportFileResults(
+            Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[1])], schema_version=-1)
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "schema_version" in field_violations(raised.value)
