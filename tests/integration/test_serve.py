@@ -136,18 +136,26 @@ def control_plane_address(control_plane: object) -> str:
     return control_plane.address  # type: ignore[attr-defined,no-any-return]
 
 
-def test_demo_runs_twice(state_dir: Path) -> None:
+@pytest.mark.timeout(600)
+def test_demo_runs_the_whole_job_twice_loading_only_what_is_new(state_dir: Path) -> None:
+    """Sample files -> ingestion -> run -> Iceberg rows; the second demo adds one file and loads only it."""
+    rows = []
     for expected in ("created ingestions/demo-orders", "found existing ingestions/demo-orders"):
         done = subprocess.run(
             [*AUTOLOADER, "demo", "--state-dir", str(state_dir)],
             env=_env(),
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         assert done.returncode == 0, done.stderr
         assert expected in done.stderr
-        assert "demo.orders" in done.stdout
+        assert "SUCCEEDED" in done.stdout
+        assert "order_id" in done.stdout  # rows read back from the table
+        match = re.search(r"demo\.orders: (\d+) rows", done.stderr)
+        assert match, done.stderr
+        rows.append(int(match.group(1)))
+    assert rows == [201, 202]  # 20 sample files of 10 rows + one new 1-row file per demo
 
 
 def test_module_entry_point_help() -> None:
