@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 def build_worker(settings: AgentSettings, *, database_url: str | None = None, stop: threading.Event | None = None,
                  spark: Any = None) -> tuple[Worker, grpc.Channel]:  # fmt: skip
     stop = stop or threading.Event()
+    # Spark first: its JVM is launched with a fork, best done before any gRPC channel exists.
+    spark = spark if spark is not None else spark_session(settings)
     channel = grpc.insecure_channel(settings.address)
     metadata: tuple[tuple[str, str], ...] = ()
     if settings.token is not None:
@@ -31,7 +33,7 @@ def build_worker(settings: AgentSettings, *, database_url: str | None = None, st
     )  # fmt: skip
     worker = Worker(
         client,
-        spark if spark is not None else spark_session(settings),
+        spark,
         IcebergSink(catalog(settings, database_url)),
         credentials=settings.credentials,
         max_files=settings.max_files,

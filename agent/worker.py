@@ -10,6 +10,7 @@ that it is abandoned and its files released (no attempt spent).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -82,6 +83,7 @@ class Worker:
         self._grace = shutdown_grace
         self.stop = stop or threading.Event()
         self._abandon = threading.Event()
+        self._busy = threading.Event()  # a batch is in progress
         self._on_batch = on_batch
         self._commit_lock = threading.Lock()
         self._cleaned: dict[str, float] = {}  # table -> when its orphaned staging files were last removed
@@ -94,21 +96,44 @@ class Worker:
                 batch = self._client.lease(self._wait, self._max_files, self._max_bytes)
             except Stopped:
                 break
-            if batch is not None:
-                self.process(batch)
+            if batch is None:
+                continue
+            if self.stop.is_set():
+                # Leased by a poll that was in flight when we were told to stop: hand it back.
+                self._client.release(batch.lease.name)
+                break
+            self.process(batch)
         log.info("agent stopped", extra={"action": "agent.stop", "agent": self._client.agent})
 
     def abandon_current(self) -> None:
-        """Called when the grace period ran out: the batch in progress commits nothing."""
+        """Called when the grace period ran out: the batch in progress commits nothing, and soon.
+
+        Spark jobs are cancelled until the batch has returned (its files are then
+        released): a job that starts after one cancellation, because the batch was
+        between two jobs, is cancelled by the next one.
+        """
         self._abandon.set()
-        try:
-            self._spark.interruptAll() if hasattr(self._spark, "interruptAll") else None
-            self._spark.sparkContext.cancelAllJobs()
-        except Exception:  # noqa: S110 - best effort; the batch checks the flag before committing
-            pass
+        threading.Thread(target=self._cancel_jobs_until_idle, name="abandon", daemon=True).start()
+
+    def _cancel_jobs_until_idle(self) -> None:
+        while self._busy.is_set() and self._abandon.is_set():
+            try:
+                self._spark.sparkContext.cancelAllJobs()
+            except Exception:
+                with contextlib.suppress(Exception):  # best effort; the batch checks the flag between jobs
+                    self._spark.interruptAll()  # Spark Connect has no SparkContext
+            time.sleep(0.2)
 
     def process(self, batch: Batch) -> BatchOutcome:
-        self._abandon.clear()
+        if not self.stop.is_set():
+            self._abandon.clear()  # a pending abandon (the grace period ran out) stays set
+        self._busy.set()
+        try:
+            return self._process_batch(batch)
+        finally:
+            self._busy.clear()
+
+    def _process_batch(self, batch: Batch) -> BatchOutcome:
         started = time.monotonic()
         outcome = BatchOutcome()
         with Heartbeat(self._client, batch.lease) as heartbeat:
@@ -182,8 +207,14 @@ class Worker:
         outcome.committed_files += len(files)
         outcome.schema_version = max(outcome.schema_version, self.sink.schema_version)
 
+    def _check_held(self, heartbeat: Heartbeat) -> None:
+        """Between Spark jobs: a batch abandoned or without its lease goes no further."""
+        if self._abandon.is_set() or not heartbeat.still_held():
+            raise LeaseGone()
+
     def _ingest(self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat) -> dict[str, int]:
         """Reads, stages and commits `files`; returns records per source path."""
+        self._check_held(heartbeat)
         ingestion = batch.ingestion
         name = ingestion.destination.table
         uris = [f.path for f in files]
@@ -197,7 +228,8 @@ class Worker:
                 )
                 for f in files
             ]  # fmt: skip
-            frame = read_batch(self._spark, ingestion.format, ingestion.schema, sources)
+            frame = read_batch(self._spark, ingestion.format, ingestion.schema, sources)  # infers: a Spark job
+            self._check_held(heartbeat)
             table = self.sink.table(name)
             aligned = align(frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)
             location = str(table.location()) if table is not None else self.sink.location_for(name)
@@ -211,8 +243,7 @@ class Worker:
                 data_files = [f for f in written if _rows(f) > 0]
                 arrow_schema = _arrow_schema(written[0]) if written else None
                 with self._commit_lock:
-                    if self._abandon.is_set() or not heartbeat.still_held():
-                        raise LeaseGone()
+                    self._check_held(heartbeat)
                     _fault("crash_before_commit")
                     # Rows to add, or a table whose rows of these files must go (a file now empty).
                     # Empty files alone do not create a table: it would have no columns but ours.

@@ -455,11 +455,11 @@ def test_bad_input_names_the_field_and_changes_nothing(api: Api) -> None:
 def test_schema_version_follows_reports_and_never_goes_back(api: Api) -> None:
     ingestion, _ = api.running("schema", 4)
     got = api.lease("a1", max_files=2)
-    version = lambda: (
-        api.ingestions.GetIngestion(  # noqa: E731
-            ingestion_pb2.GetIngestionRequest(name=ingestion)
-        ).ingestion.schema_version
-    )
+
+    def version() -> int:
+        request = ingestion_pb2.GetIngestionRequest(name=ingestion)
+        return api.ingestions.GetIngestion(request).ingestion.schema_version
+
     assert version() == 0
     api.leases.ReportFileResults(
         Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[0])], schema_version=3)
