@@ -49,8 +49,6 @@ class AgentSettings(BaseSettings):
     # Capped exponential backoff (seconds) while the control plane is unavailable.
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
-    # Files sampled for schema inference on an ingestion's first batch.
-    infer_sample_files: int = Field(default=10, ge=1)
     log_level: str = "INFO"
 
     def catalog_properties(self) -> dict[str, str]:

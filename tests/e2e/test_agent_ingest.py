@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,10 @@ def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack
     write_jsonl(source / "b.json", [{"id": 2}])
     stack.start_agent("agent-2")
     assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
+    # The agent sweeps after reporting its batch, so shortly after the run ended.
+    deadline = time.monotonic() + 30
+    while orphan.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not orphan.exists()
     assert committed.exists()  # referenced by a snapshot, however old
     assert sorted(r["id"] for r in stack.rows("e2e.orphans")) == [1, 2]
