@@ -9,6 +9,11 @@ test gets `CREATE DATABASE ... TEMPLATE`, which takes milliseconds.
 from __future__ import annotations
 
 import os
+
+# Before grpc is imported: pyspark forks to launch its JVM, and gRPC's fork handlers make a small
+# share of such children abort (see autoloader/__init__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import shutil
 import tempfile
 import uuid
