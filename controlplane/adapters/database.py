@@ -56,9 +56,13 @@ def _ping_when_idle(engine: Engine, idle_after: float) -> None:
     def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         if time.monotonic() - record.info.get("checked_in", 0.0) < idle_after:
             return
+        # Autocommit, so the ping never shows as an open transaction, not even
+        # for the instant between the SELECT and a rollback.
+        autocommit = dbapi_connection.autocommit
         try:
+            dbapi_connection.autocommit = True
             dbapi_connection.execute("SELECT 1")
-            dbapi_connection.rollback()
+            dbapi_connection.autocommit = autocommit
         except Exception as error:
             # The pool discards this connection and retries the checkout with a new one.
             raise exc.DisconnectionError() from error

@@ -4,7 +4,9 @@ disconnect makes the pool replace every connection it held."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
@@ -99,3 +101,33 @@ def test_a_live_idle_connection_is_kept(make_engine: Callable[[float], Engine]) 
     time.sleep(0.2)
     (again,) = pooled_pids(engine, 1)  # pinged, alive: the same backend
     assert again == first
+
+
+def test_the_ping_never_shows_as_an_open_transaction(make_engine: Callable[[float], Engine], database_url: str) -> None:
+    """A ping inside a transaction is 'idle in transaction' until its rollback arrives, and tests and
+    operators watch for exactly that state. One thread checks out (and so pings) in a loop while
+    another samples the backend's state."""
+    engine = make_engine(0.0)
+    (backend,) = pooled_pids(engine, 1)
+    stop = threading.Event()
+
+    def check_out_in_a_loop() -> None:
+        while not stop.is_set():
+            with engine.connect():
+                pass
+
+    states: Counter[str] = Counter()
+    checkouts = threading.Thread(target=check_out_in_a_loop)
+    checkouts.start()
+    try:
+        with psycopg.connect(database_url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                row = watcher.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone()
+                assert row is not None
+                states[row[0]] += 1
+    finally:
+        stop.set()
+        checkouts.join()
+    assert states["idle"] > 0
+    assert "idle in transaction" not in states, states
