@@ -118,8 +118,9 @@ class IcebergSink:
                         else:
                             for path in staged.files:
                                 tx.append(_read(path), snapshot_properties=properties)
-                # Versions count from 1 (0 is "no table yet"); Iceberg's schema ids count from 0.
-                self.schema_version = self.catalog.load_table(name).schema().schema_id + 1
+                # The transaction left `table` at the committed metadata. Versions count from 1
+                # (0 is "no table yet"); Iceberg's schema ids count from 0.
+                self.schema_version = table.schema().schema_id + 1
                 return _adoptable(table)
             except CommitFailedException:
                 if attempt == COMMIT_ATTEMPTS:
@@ -155,7 +156,11 @@ class IcebergSink:
                 fs.rm(path, recursive=True)
 
     def cleanup_orphans(self, name: str, older_than_seconds: float = 3600) -> int:
-        """Deletes staging directories no snapshot references, older than the given age (local warehouses)."""
+        """Deletes staging directories no snapshot references, older than the given age (local warehouses).
+
+        The table's manifests are read only when some directory is old enough to be
+        a candidate, and each manifest once, however many snapshots share it.
+        """
         table = self.table(name)
         if table is None:
             return 0
@@ -167,22 +172,28 @@ class IcebergSink:
         base = Path(root.path)
         if not base.is_dir():
             return 0
+        now = time.time()
+        candidates = [d for d in base.iterdir() if now - d.stat().st_mtime >= older_than_seconds]
+        if not candidates:
+            return 0
         referenced = {urlparse(f).path if "://" in f else f for f in _referenced_files(table)}
         removed = 0
-        for directory in base.iterdir():
-            if time.time() - directory.stat().st_mtime < older_than_seconds:
-                continue
-            files = [str(p) for p in directory.rglob("*.parquet")]
-            if not any(f in referenced for f in files):
+        for directory in candidates:
+            if not any(str(p) in referenced for p in directory.rglob("*.parquet")):
                 shutil.rmtree(directory, ignore_errors=True)
                 removed += 1
         return removed
 
 
 def _referenced_files(table: Table) -> set[str]:
+    """Every data file some snapshot still references (time travel needs them too)."""
     files: set[str] = set()
+    seen: set[str] = set()
     for snapshot in table.snapshots():
         for manifest in snapshot.manifests(table.io):
+            if manifest.manifest_path in seen:
+                continue
+            seen.add(manifest.manifest_path)
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
                 files.add(entry.data_file.file_path)
     return files

@@ -235,32 +235,25 @@ class Worker:
             location = str(table.location()) if table is not None else self.sink.location_for(name)
             prefix = self.sink.staging_prefix(location, batch.lease.name)
             try:
-                t0 = time.monotonic()
                 written = _write(aligned.frame, prefix, list(ingestion.destination.partition_by))
-                t1 = time.monotonic()
-                counts = _counts(written)
-                t2 = time.monotonic()
-                data_files = [f for f in written if _rows(f) > 0]
-                arrow_schema = _arrow_schema(written[0]) if written else None
+                contents = _read_staged(written)
                 with self._commit_lock:
                     self._check_held(heartbeat)
                     _fault("crash_before_commit")
                     # Rows to add, or a table whose rows of these files must go (a file now empty).
                     # Empty files alone do not create a table: it would have no columns but ours.
-                    if data_files or table is not None:
+                    if contents.data_files or table is not None:
                         adopted = self.sink.commit(
-                            name, Staged(location, prefix, data_files), arrow_schema, uris, batch.lease.name,
-                            list(ingestion.destination.partition_by),
+                            name, Staged(location, prefix, contents.data_files), contents.arrow_schema, uris,
+                            batch.lease.name, list(ingestion.destination.partition_by),
                         )  # fmt: skip
                         if not adopted:
                             self.sink.discard(prefix)
                     _fault("crash_after_commit")
-                log.debug("phases: write %.2fs counts %.2fs commit %.2fs", t1 - t0, t2 - t1, time.monotonic() - t2,
-                         extra={"action": "agent.phases"})  # fmt: skip
             except BaseException:
                 self.sink.discard(prefix)
                 raise
-        return counts
+        return contents.counts
 
 
 def _write(frame: Any, prefix: str, partition_by: list[Any]) -> list[str]:
@@ -365,37 +358,33 @@ def _parquet_files(prefix: str) -> list[str]:
     return sorted(f"{parsed.scheme}://{p}" for p in fs.find(path) if p.endswith(".parquet"))
 
 
-def _rows(uri: str) -> int:
-    import pyarrow.parquet as pq
-
-    return int(pq.read_metadata(_arrow_path(uri)).num_rows)
-
-
-def _arrow_schema(uri: str) -> Any:
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(_arrow_path(uri))
-    return schema.remove_metadata()
+@dataclass
+class StagedContents:
+    counts: dict[str, int]  # rows per source file (its URI)
+    data_files: list[str]  # the staged files with rows (Spark writes empty ones for empty inputs)
+    arrow_schema: Any  # the staged files' schema; None when Spark wrote none
 
 
-def _arrow_path(uri: str) -> str:
-    return uri.removeprefix("file://")
+def _read_staged(files: list[str]) -> StagedContents:
+    """What Spark staged, from each file's footer and its dictionary-encoded _source_file column.
 
-
-def _counts(files: list[str]) -> dict[str, int]:
-    """Rows per source file in what Spark wrote, from the staged files' _source_file column.
-
-    pyarrow reads that one dictionary-encoded column in milliseconds; a second
-    Spark job over the staged files cost as much as a third of the write.
+    pyarrow reads that one column in milliseconds; a second Spark job over the
+    staged files cost as much as a third of the write.
     """
     import pyarrow.parquet as pq
 
-    counts: dict[str, int] = {}
+    contents = StagedContents({}, [], None)
     for uri in files:
-        column = pq.read_table(_arrow_path(uri), columns=["_source_file"]).column(0)
+        staged = pq.ParquetFile(uri.removeprefix("file://"))
+        if contents.arrow_schema is None:
+            contents.arrow_schema = staged.schema_arrow.remove_metadata()
+        if staged.metadata.num_rows == 0:
+            continue
+        contents.data_files.append(uri)
+        column = staged.read(columns=["_source_file"]).column(0)
         for entry in column.value_counts().to_pylist():
-            counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
-    return counts
+            contents.counts[entry["values"]] = contents.counts.get(entry["values"], 0) + entry["counts"]
+    return contents
 
 
 def _failure(file: lease_pb2.LeasedFile, error: BaseException) -> lease_pb2.FileResult:

@@ -204,7 +204,7 @@ class LeaseService:
             ingestion = None
             if not all(r.outcome.succeeded for r in reports):
                 # Only failures need the ingestion's retry policy; successes cost one statement.
-                ingestion = self._ingestion_of(uow, self._own_lease(uow, agent_id, lease_id))
+                ingestion = self._ingestion_by_pk(uow, self._own_lease(uow, agent_id, lease_id).ingestion_pk)
             rows = [self._result_row(ingestion, r) for r in reports]
             recorded = uow.leases.record_results(lease_id, agent_id, rows)
             if recorded is None:
@@ -223,7 +223,7 @@ class LeaseService:
             replays = {r.file_id: r for r, a in zip(reports, answers, strict=True) if a is None}
             if replays:
                 replayed = self._replayed(
-                    uow, lease_id, replays, recorded, ingestion or self._ingestion_of_pk(uow, recorded)
+                    uow, lease_id, replays, recorded, ingestion or self._ingestion_by_pk(uow, recorded.ingestion_pk)
                 )
                 answers = [a or replayed[r.file_id] for r, a in zip(reports, answers, strict=True)]
             if schema_version and recorded.runs:
@@ -280,14 +280,8 @@ class LeaseService:
             self._changes.notify()
 
     @staticmethod
-    def _ingestion_of(uow: UnitOfWork, lease: Lease) -> Ingestion:
-        ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk)
-        assert ingestion is not None  # leases are deleted with their ingestion
-        return ingestion
-
-    @staticmethod
-    def _ingestion_of_pk(uow: UnitOfWork, recorded: RecordedResults) -> Ingestion:
-        ingestion = uow.ingestions.get_by_pk(recorded.ingestion_pk)
+    def _ingestion_by_pk(uow: UnitOfWork, pk: uuid.UUID) -> Ingestion:
+        ingestion = uow.ingestions.get_by_pk(pk)
         assert ingestion is not None  # leases are deleted with their ingestion
         return ingestion
 

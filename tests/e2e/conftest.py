@@ -7,6 +7,7 @@ and the Iceberg SqlCatalog) and its own warehouse directory.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -147,8 +148,13 @@ class Stack:
         return list(self.table(table).scan().to_arrow().to_pylist())
 
 
-@pytest.fixture
-def make_stack(database_url: str, workdir: Path, spark: Any) -> Iterator[Callable[..., Stack]]:
+@contextlib.contextmanager
+def stack_factory(database_url: str, workdir: Path, spark: Any) -> Iterator[Callable[..., Stack]]:
+    """make(**settings) -> a control plane on this test's database; every one made is stopped at the end.
+
+    A test may replace a stack's plane (a restart): the one in place at the end is stopped. Without
+    `spark`, in-process agents cannot be started (tests whose agents are processes).
+    """
     stacks: list[Stack] = []
 
     def make(**overrides: Any) -> Stack:
@@ -157,11 +163,19 @@ def make_stack(database_url: str, workdir: Path, spark: Any) -> Iterator[Callabl
         stacks.append(stack)
         return stack
 
-    yield make
-    for stack in stacks:
-        stack.stop_agents()
-        stack.channel.close()
-        stack.plane.stop(grace=0)
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.stop_agents()
+            stack.channel.close()
+            stack.plane.stop(grace=0)
+
+
+@pytest.fixture
+def make_stack(database_url: str, workdir: Path, spark: Any) -> Iterator[Callable[..., Stack]]:
+    with stack_factory(database_url, workdir, spark) as make:
+        yield make
 
 
 @pytest.fixture

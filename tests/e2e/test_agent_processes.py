@@ -29,14 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import grpc
 import pytest
-from moto.server import ThreadedMotoServer
 
 from autoloader.v1 import file_pb2, ingestion_pb2, lease_pb2, lease_pb2_grpc, run_pb2
 from controlplane import bootstrap
 
-from .conftest import TERMINAL, Run, Stack, plane_settings
+from .conftest import TERMINAL, Run, Stack, plane_settings, stack_factory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -142,22 +140,9 @@ def agents(workdir: Path) -> Iterator[AgentProcesses]:
 
 @pytest.fixture
 def make_plane(database_url: str, workdir: Path) -> Iterator[Callable[..., Stack]]:
-    """Control planes on this test's database, without the in-process Spark session (no agent here needs it).
-
-    A test may replace a stack's plane (a restart): the one in place at the end is stopped.
-    """
-    stacks: list[Stack] = []
-
-    def make(**overrides: Any) -> Stack:
-        plane = bootstrap.start(plane_settings(database_url, workdir / "state", **overrides))
-        stack = Stack(plane, database_url, workdir, None, grpc.insecure_channel(plane.address))
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in stacks:
-        stack.channel.close()
-        stack.plane.stop(grace=0)
+    """Control planes without the in-process Spark session: no agent here needs it."""
+    with stack_factory(database_url, workdir, None) as make:
+        yield make
 
 
 @pytest.fixture
@@ -291,28 +276,6 @@ def assert_clean_log(process: AgentProcess) -> None:
 
 
 # --- moto S3 -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_environment(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> None:
-    """Credentials come only from settings (inherited by agent processes), never the developer's AWS setup."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(workdir / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(workdir / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 # --- tests -------------------------------------------------------------------------------------

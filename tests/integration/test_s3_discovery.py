@@ -20,36 +20,16 @@ from urllib.parse import urlsplit
 import boto3
 import grpc
 import pytest
-from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, text
 
 from autoloader.v1 import file_pb2, file_pb2_grpc, ingestion_pb2, ingestion_pb2_grpc, run_pb2, run_pb2_grpc
 from controlplane import bootstrap
 from controlplane.config import ControlPlaneSettings
 
+# Credentials come only from the control plane's settings, never from the developer's AWS setup.
+pytestmark = pytest.mark.usefixtures("aws_environment")
+
 CREDENTIALS = {"moto": {"key": "testing", "secret": "testing"}}
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Credentials come only from the control plane's settings, never from the developer's AWS setup."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def aws_client(service: str, endpoint: str) -> Any:
