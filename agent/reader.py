@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
 from autoloader.v1 import ingestion_pb2
 
@@ -20,6 +21,7 @@ Schema = ingestion_pb2.Schema
 METADATA_COLUMNS = ("_source_file", "_source_modified_at", "_ingested_at", "_run")
 RESCUED = "_rescued_data"
 _CORRUPT = "_corrupt_record"
+_SPARK_PATH = "_autoloader_spark_path"
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,22 @@ def _glob_escaped(path: str) -> str:
     return re.sub(r"([\\\[\]{}*?])", r"\\\1", path)
 
 
-def _read_path(column: Any) -> Any:
-    """Spark's _metadata.file_path (a URI, percent-encoded the Java way) back to a plain path."""
-    from pyspark.sql import functions as F
+def _plain_path(spark_path: str) -> str:
+    """A path as Spark names a file it read (a URI, percent-encoded the Java way) as a plain path.
 
-    path = F.regexp_replace(column, "^file:/+", "/")
-    # Java leaves '+' unencoded, while url_decode would read it as a space.
-    return F.url_decode(F.replace(path, F.lit("+"), F.lit("%2B")))
+    Java leaves '+' unencoded and unquote() leaves it too (it is not a form decoder).
+    """
+    if spark_path.startswith("file:"):
+        return "/" + unquote(spark_path.removeprefix("file:")).lstrip("/")
+    return unquote(spark_path)
+
+
+def _spellings(spark_path: str) -> list[str]:
+    """The ways Spark spells one file: inputFiles() says file:///p where _metadata.file_path says file:/p."""
+    if spark_path.startswith("file:"):
+        rest = spark_path.removeprefix("file:").lstrip("/")
+        return [f"file:/{rest}", f"file:///{rest}"]
+    return [spark_path]
 
 
 def explicit_schema(schema: Schema) -> str:
@@ -82,15 +93,35 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile])
     for name, type_ in schema.hints.items():
         if name in df.columns:
             df = df.withColumn(name, F.expr(f"try_cast(`{name}` AS {type_})"))
-    by_path = F.create_map(*[x for f in files for x in (F.lit(local_path(f.local)), F.lit(f.uri))])
-    modified = F.create_map(*[x for f in files for x in (F.lit(f.uri), F.lit(f.modified_time).cast("timestamp"))])
-    runs = F.create_map(*[x for f in files for x in (F.lit(f.uri), F.lit(f.run))])
-    source = F.element_at(by_path, _read_path(F.col("_metadata.file_path")))
+    return _with_source_columns(spark, df, files)
+
+
+def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
+    """Adds each row's _source_file, _source_modified_at and _run by joining on its file's path.
+
+    The small side is keyed by the paths as Spark spells them (from inputFiles(), no
+    scan), so each row costs one hash probe on its raw _metadata.file_path. Decoding
+    that path per row and looking it up in literal maps made the write half again as
+    slow. A row whose path matched nothing keeps a null _source_file, and the
+    worker fails such a batch rather than commit it.
+    """
+    from pyspark.sql import functions as F
+
+    by_path = {local_path(f.local): f for f in files}
+    keys = []
+    for spark_path in df.inputFiles():
+        source = by_path.get(_plain_path(spark_path))
+        if source is not None:
+            keys += [(key, source.uri, source.modified_time, source.run) for key in _spellings(spark_path)]
+    sources = spark.createDataFrame(
+        keys, f"{_SPARK_PATH} string, _source_file string, _source_modified_at timestamp, _run string"
+    )
+    data = df.drop(*[c for c in METADATA_COLUMNS if c in df.columns])  # ours replace same-named source columns
     return (
-        df.withColumn("_source_file", source)
-        .withColumn("_source_modified_at", F.element_at(modified, F.col("_source_file")))
+        data.withColumn(_SPARK_PATH, F.col("_metadata.file_path"))
+        .join(F.broadcast(sources), _SPARK_PATH, "left")
+        .drop(_SPARK_PATH)
         .withColumn("_ingested_at", F.current_timestamp())
-        .withColumn("_run", F.element_at(runs, F.col("_source_file")))
     )
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 from urllib.parse import urlparse
 
@@ -223,7 +224,7 @@ class Worker:
             sources = [
                 SourceFile(
                     uri=f.path, local=staged.local(f.path),
-                    modified_time=f.modified_time.ToDatetime() if f.HasField("modified_time") else None,
+                    modified_time=f.modified_time.ToDatetime(tzinfo=UTC) if f.HasField("modified_time") else None,
                     run=f.run.rpartition("/")[2],
                 )
                 for f in files
@@ -382,9 +383,17 @@ def _read_staged(files: list[str]) -> StagedContents:
             continue
         contents.data_files.append(uri)
         column = staged.read(columns=["_source_file"]).column(0)
+        if column.null_count:
+            # Spark named a file in a way we did not match (see reader._with_source_columns): its
+            # rows would land without their source, and a re-load could not replace them.
+            raise UnmatchedRows(f"{column.null_count} rows could not be attributed to a source file")
         for entry in column.value_counts().to_pylist():
             contents.counts[entry["values"]] = contents.counts.get(entry["values"], 0) + entry["counts"]
     return contents
+
+
+class UnmatchedRows(Exception):
+    pass
 
 
 def _failure(file: lease_pb2.LeasedFile, error: BaseException) -> lease_pb2.FileResult:

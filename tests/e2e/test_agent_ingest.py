@@ -6,6 +6,7 @@ import gzip
 import json
 import time
 from collections import Counter
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,13 @@ def test_files_land_exactly_once_with_metadata_columns(stack: Stack, workdir: Pa
     by_file = Counter(r["_source_file"] for r in rows)
     assert by_file == {(source / f"part-{i:03d}.json").as_uri(): i * 3 for i in range(1, 12)}
     assert {r["_run"] for r in rows} == {run.name.rpartition("/")[2]}
-    assert all(r["_ingested_at"] is not None and r["_source_modified_at"] is not None for r in rows)
+    assert all(r["_ingested_at"] is not None for r in rows)
     # Each file's reported record count is its row count.
     files = {f.path: f for f in stack.list_files(ingestion)}
+    # Each row carries its file's modification time as discovery listed it, to the microsecond.
+    assert {r["_source_file"]: r["_source_modified_at"] for r in rows} == {
+        path: f.modified_time.ToDatetime(tzinfo=UTC) for path, f in files.items() if f.records
+    }
     assert {path: f.records for path, f in files.items()} == {
         (source / f"part-{i:03d}.json").as_uri(): i * 3 for i in range(12)
     }
@@ -150,3 +155,23 @@ def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack
     first = min(table.snapshots(), key=lambda s: s.timestamp_ms)
     assert [r["id"] for r in table.scan(snapshot_id=first.snapshot_id).to_arrow().to_pylist()] == [1]
     assert worker.ORPHAN_AGE >= 3600
+
+
+def test_files_with_unusual_names_keep_their_names(stack: Stack, workdir: Path) -> None:
+    """Spark names the files it reads as Java-encoded URIs; each row still gets its file's URI as
+    discovery listed it (nothing dropped, nothing unattributed)."""
+    source = workdir / "src dir"
+    names = ["a b.json", "c+d.json", "e%2Bf.json", "g[1].json", "é.json", "h,i.json", "j#k.json", "l?m.json",
+             "n{o}*.json"]  # fmt: skip
+    for i, name in enumerate(names):
+        write_jsonl(source / name, [{"id": i, "name": name}] * (i + 1))
+    # The control plane's file URIs are file:// plus the path as it is (not percent-encoded).
+    ingestion = stack.create("names", f"file://{source}", Format(type=Format.TYPE_JSON))
+    stack.start_agent()
+    run = stack.run(ingestion)
+    assert run.state == Run.STATE_SUCCEEDED, run
+    assert run.file_counts.succeeded == len(names)
+    rows = stack.rows("e2e.names")
+    assert Counter((r["_source_file"], r["name"]) for r in rows) == {
+        (f"file://{source / name}", name): i + 1 for i, name in enumerate(names)
+    }
