@@ -8,6 +8,7 @@ malformed records are kept, as text, in `_rescued_data`.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -65,7 +66,17 @@ def explicit_schema(schema: Schema) -> str:
     return ", ".join(f"`{c.name}` {c.type}{' NOT NULL' if c.required else ''}" for c in schema.columns)
 
 
-def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile]) -> Any:
+@dataclass(frozen=True)
+class BatchFrame:
+    frame: Any  # the files' rows with their source columns and ours
+    _rows_read: Any  # a pyspark Observation of the rows Spark read
+
+    def rows_read(self) -> int:
+        """How many rows Spark read from the files; only once the frame has been written."""
+        return int(self._rows_read.get["rows"])
+
+
+def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile]) -> BatchFrame:
     """The files' rows with their source columns plus _source_file, _source_modified_at, _ingested_at, _run."""
     from pyspark.sql import functions as F
 
@@ -93,7 +104,12 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile])
     for name, type_ in schema.hints.items():
         if name in df.columns:
             df = df.withColumn(name, F.expr(f"try_cast(`{name}` AS {type_})"))
-    return _with_source_columns(spark, df, files)
+    from pyspark.sql import Observation
+
+    # Counted as the rows stream through the write: no extra pass.
+    rows_read = Observation(f"rows-read-{uuid.uuid4().hex}")
+    df = df.observe(rows_read, F.count(F.lit(1)).alias("rows"))
+    return BatchFrame(_with_source_columns(spark, df, files), rows_read)
 
 
 def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
@@ -102,8 +118,9 @@ def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
     The small side is keyed by the paths as Spark spells them (from inputFiles(), no
     scan), so each row costs one hash probe on its raw _metadata.file_path. Decoding
     that path per row and looking it up in literal maps made the write half again as
-    slow. A row whose path matched nothing keeps a null _source_file, and the
-    worker fails such a batch rather than commit it.
+    slow, and so does an outer join; with this inner join a row whose path matched
+    no key would be dropped, which the worker detects (rows written < rows read) and
+    fails the batch for.
     """
     from pyspark.sql import functions as F
 
@@ -111,18 +128,23 @@ def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
     keys = []
     for spark_path in df.inputFiles():
         source = by_path.get(_plain_path(spark_path))
-        if source is not None:
-            keys += [(key, source.uri, source.modified_time, source.run) for key in _spellings(spark_path)]
+        if source is None:
+            raise UnmatchedRows(f"Spark read {spark_path}, which is none of the batch's files")
+        keys += [(key, source.uri, source.modified_time, source.run) for key in _spellings(spark_path)]
     sources = spark.createDataFrame(
         keys, f"{_SPARK_PATH} string, _source_file string, _source_modified_at timestamp, _run string"
     )
     data = df.drop(*[c for c in METADATA_COLUMNS if c in df.columns])  # ours replace same-named source columns
     return (
         data.withColumn(_SPARK_PATH, F.col("_metadata.file_path"))
-        .join(F.broadcast(sources), _SPARK_PATH, "left")
+        .join(F.broadcast(sources), _SPARK_PATH)
         .drop(_SPARK_PATH)
         .withColumn("_ingested_at", F.current_timestamp())
     )
+
+
+class UnmatchedRows(Exception):
+    """Rows Spark read that could not be attributed to one of the batch's files."""
 
 
 class UnsupportedFormat(Exception):

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from agent.evolution import NewColumnsRejected, align
 from agent.heartbeat import Heartbeat
 from agent.protocol import Batch, LeaseClient, Stopped
-from agent.reader import SourceFile, UnsupportedFormat, read_batch
+from agent.reader import SourceFile, UnmatchedRows, UnsupportedFormat, read_batch
 from agent.sink import IcebergSink, PartitionUnsupported, Staged, spark_types
 from agent.staging import StagedFiles, StagingError
 from autoloader.v1 import lease_pb2
@@ -229,15 +229,19 @@ class Worker:
                 )
                 for f in files
             ]  # fmt: skip
-            frame = read_batch(self._spark, ingestion.format, ingestion.schema, sources)  # infers: a Spark job
+            read = read_batch(self._spark, ingestion.format, ingestion.schema, sources)  # infers: a Spark job
             self._check_held(heartbeat)
             table = self.sink.table(name)
-            aligned = align(frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)
+            aligned = align(read.frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)
             location = str(table.location()) if table is not None else self.sink.location_for(name)
             prefix = self.sink.staging_prefix(location, batch.lease.name)
             try:
                 written = _write(aligned.frame, prefix, list(ingestion.destination.partition_by))
                 contents = _read_staged(written)
+                if contents.rows != read.rows_read():
+                    # A row whose file Spark named in a way we did not match (reader._with_source_columns)
+                    # was dropped by the join: fail rather than commit a batch without it.
+                    raise UnmatchedRows(f"Spark read {read.rows_read()} rows and staged {contents.rows}")
                 with self._commit_lock:
                     self._check_held(heartbeat)
                     _fault("crash_before_commit")
@@ -364,6 +368,7 @@ class StagedContents:
     counts: dict[str, int]  # rows per source file (its URI)
     data_files: list[str]  # the staged files with rows (Spark writes empty ones for empty inputs)
     arrow_schema: Any  # the staged files' schema; None when Spark wrote none
+    rows: int = 0
 
 
 def _read_staged(files: list[str]) -> StagedContents:
@@ -382,18 +387,11 @@ def _read_staged(files: list[str]) -> StagedContents:
         if staged.metadata.num_rows == 0:
             continue
         contents.data_files.append(uri)
+        contents.rows += staged.metadata.num_rows
         column = staged.read(columns=["_source_file"]).column(0)
-        if column.null_count:
-            # Spark named a file in a way we did not match (see reader._with_source_columns): its
-            # rows would land without their source, and a re-load could not replace them.
-            raise UnmatchedRows(f"{column.null_count} rows could not be attributed to a source file")
         for entry in column.value_counts().to_pylist():
             contents.counts[entry["values"]] = contents.counts.get(entry["values"], 0) + entry["counts"]
     return contents
-
-
-class UnmatchedRows(Exception):
-    pass
 
 
 def _failure(file: lease_pb2.LeasedFile, error: BaseException) -> lease_pb2.FileResult:
