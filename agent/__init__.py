@@ -7,9 +7,5 @@ batch to the table's schema), sink (Iceberg: staged Parquet -> one commit),
 worker (the lease -> process -> report loop, with poison isolation).
 """
 
-import os
-
-# Before anything imports grpc: gRPC's fork handlers make a small share of forked children abort
-# ("epoll_wait error: Bad file descriptor"), and pyspark forks to launch its JVM while our gRPC
-# channels and servers are open. We never use gRPC in a forked child.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Before anything imports grpc: the package sets gRPC's fork handling (see autoloader/__init__.py).
+import autoloader  # noqa: F401

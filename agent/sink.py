@@ -38,6 +38,7 @@ from pyiceberg.transforms import (
     YearTransform,
 )
 
+from agent.reader import local_path
 from autoloader.v1 import ingestion_pb2
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def _adoptable(table: Table) -> bool:
 def _read(uri: str) -> Any:
     import pyarrow.parquet as pq
 
-    return pq.read_table(uri.removeprefix("file://"))
+    return pq.read_table(local_path(uri))
 
 
 def _optional(arrow_schema: Any) -> Any:

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from agent.evolution import NewColumnsRejected, align
 from agent.heartbeat import Heartbeat
 from agent.protocol import Batch, LeaseClient, Stopped
-from agent.reader import SourceFile, UnmatchedRows, UnsupportedFormat, read_batch
+from agent.reader import SourceFile, UnmatchedRows, UnsupportedFormat, local_path, read_batch
 from agent.sink import IcebergSink, PartitionUnsupported, Staged, spark_types
 from agent.staging import StagedFiles, StagingError
 from autoloader.v1 import lease_pb2
@@ -238,10 +238,11 @@ class Worker:
             try:
                 written = _write(aligned.frame, prefix, list(ingestion.destination.partition_by))
                 contents = _read_staged(written)
-                if contents.rows != read.rows_read():
+                rows_read, rows_staged = read.rows_read(), sum(contents.counts.values())
+                if rows_staged != rows_read:
                     # A row whose file Spark named in a way we did not match (reader._with_source_columns)
                     # was dropped by the join: fail rather than commit a batch without it.
-                    raise UnmatchedRows(f"Spark read {read.rows_read()} rows and staged {contents.rows}")
+                    raise UnmatchedRows(f"Spark read {rows_read} rows and staged {rows_staged}")
                 with self._commit_lock:
                     self._check_held(heartbeat)
                     _fault("crash_before_commit")
@@ -368,7 +369,6 @@ class StagedContents:
     counts: dict[str, int]  # rows per source file (its URI)
     data_files: list[str]  # the staged files with rows (Spark writes empty ones for empty inputs)
     arrow_schema: Any  # the staged files' schema; None when Spark wrote none
-    rows: int = 0
 
 
 def _read_staged(files: list[str]) -> StagedContents:
@@ -381,13 +381,12 @@ def _read_staged(files: list[str]) -> StagedContents:
 
     contents = StagedContents({}, [], None)
     for uri in files:
-        staged = pq.ParquetFile(uri.removeprefix("file://"))
+        staged = pq.ParquetFile(local_path(uri))
         if contents.arrow_schema is None:
             contents.arrow_schema = staged.schema_arrow.remove_metadata()
         if staged.metadata.num_rows == 0:
             continue
         contents.data_files.append(uri)
-        contents.rows += staged.metadata.num_rows
         column = staged.read(columns=["_source_file"]).column(0)
         for entry in column.value_counts().to_pylist():
             contents.counts[entry["values"]] = contents.counts.get(entry["values"], 0) + entry["counts"]
