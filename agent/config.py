@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.sampling import HEAD_BYTES
+
 
 def default_agent_name() -> str:
     # host + pid: unique per process on a host, readable in `agents list`.
@@ -42,6 +44,9 @@ class AgentSettings(BaseSettings):
     # Per lease: 0 takes the ingestion's limits.
     max_files: int = Field(default=0, ge=0, le=10_000)
     max_bytes: int = Field(default=0, ge=0)
+    # Schema inference for JSON lines reads the first this many bytes of each file (whole lines);
+    # 0 infers from whole files. A key first seen deeper inside a file is not seen (README, Schema).
+    infer_sample_bytes: int = Field(default=HEAD_BYTES, ge=0)
     # Long-poll for work this long per LeaseFiles call (seconds).
     lease_wait: float = Field(default=20.0, ge=0, le=60)
     # On SIGTERM: finish the current batch if it ends within this many seconds, else release it.

@@ -18,6 +18,9 @@ SESSION_CONF = {
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
     # Partition values (day, hour) and _ingested_at are computed in UTC, as Iceberg does.
     "spark.sql.session.timeZone": "UTC",
+    # A batch names its files one by one; past 32 paths Spark would list them in a Spark job
+    # of its own, twice per batch (inference and read), where the driver takes milliseconds.
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
 }
 
 

@@ -38,6 +38,7 @@ def build_worker(settings: AgentSettings, *, database_url: str | None = None, st
         credentials=settings.credentials,
         max_files=settings.max_files,
         max_bytes=settings.max_bytes,
+        infer_sample_bytes=settings.infer_sample_bytes,
         lease_wait=settings.lease_wait,
         shutdown_grace=settings.shutdown_grace,
         stop=stop,

@@ -8,12 +8,16 @@ malformed records are kept, as text, in `_rescued_data`.
 from __future__ import annotations
 
 import re
+import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from agent.sampling import sample_paths
 from autoloader.v1 import ingestion_pb2
 
 Format = ingestion_pb2.Format
@@ -69,26 +73,52 @@ def explicit_schema(schema: Schema) -> str:
 @dataclass(frozen=True)
 class BatchFrame:
     frame: Any  # the files' rows with their source columns and ours
-    _rows_read: Any  # a pyspark Observation of the rows Spark read
+    sampled: bool  # the schema was inferred from the files' heads
+    _read: Callable[[list[str]], Any]  # paths -> their rows, read as the frame reads them
+    _malformed: Any = None  # with a sampled schema and RESCUE: a pyspark Observation
 
-    def rows_read(self) -> int:
-        """How many rows Spark read from the files; only once the frame has been written."""
-        return int(self._rows_read.get["rows"])
+    def rows_in(self, paths: list[str]) -> int:
+        """How many rows Spark reads from these of the batch's files (a job of its own)."""
+        return int(self._read([_glob_escaped(local_path(p)) for p in paths]).count())
+
+    def rows_malformed(self) -> int:
+        """Rows Spark could not parse, kept whole in _rescued_data; once the frame is written."""
+        return int(self._malformed.get["malformed"]) if self._malformed is not None else 0
 
 
-def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile]) -> BatchFrame:
-    """The files' rows with their source columns plus _source_file, _source_modified_at, _ingested_at, _run."""
+def samples(fmt: Format, schema: Schema) -> bool:
+    """Whether read_batch infers this batch's schema from the heads of its files (agent.sampling).
+
+    JSON lines only: a multiline document cannot be cut, and a head cut at a newline
+    byte is whole lines only in an encoding that keeps ASCII's newline.
+    """
+    explicit = schema.mode == Schema.MODE_EXPLICIT and bool(schema.columns)
+    ascii_newlines = fmt.encoding.lower().replace("-", "").replace("_", "") in ("", "utf8", "ascii", "usascii")
+    return fmt.type == Format.TYPE_JSON and not fmt.multiline and ascii_newlines and not explicit
+
+
+def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile], sample_bytes: int = 0) -> BatchFrame:
+    """The files' rows with their source columns plus _source_file, _source_modified_at, _ingested_at, _run.
+
+    With sample_bytes (and a batch that `samples`), the schema is inferred from the
+    first sample_bytes of each file, not from all of them; the frame is then `sampled`.
+    """
+    from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
     rescue = schema.evolution == Schema.EVOLUTION_RESCUE
     reader = spark.read
+    plain_paths = [local_path(f.local) for f in files]
+    sampled = bool(sample_bytes) and samples(fmt, schema)
     if schema.mode == Schema.MODE_EXPLICIT and schema.columns:
         ddl = explicit_schema(schema)
         if rescue and fmt.type in (Format.TYPE_JSON, Format.TYPE_CSV):
             ddl += f", `{_CORRUPT}` string"
         reader = reader.schema(ddl)
+    elif sampled:
+        reader = reader.schema(_sampled_schema(spark, fmt, schema, plain_paths, sample_bytes))
     reader = _with_options(reader, fmt, rescue)
-    paths = [_glob_escaped(local_path(f.local)) for f in files]
+    paths = [_glob_escaped(p) for p in plain_paths]
     read = {
         Format.TYPE_JSON: reader.json,
         Format.TYPE_CSV: reader.csv,
@@ -104,12 +134,38 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile])
     for name, type_ in schema.hints.items():
         if name in df.columns:
             df = df.withColumn(name, F.expr(f"try_cast(`{name}` AS {type_})"))
-    from pyspark.sql import Observation
+    frame = _with_source_columns(spark, df, files)
+    if sampled and rescue:
+        # A row past the heads that does not fit the sampled schema is kept whole, as malformed:
+        # counted as the rows stream through the write, so the worker can infer again.
+        malformed = Observation(f"malformed-{uuid.uuid4().hex}")
+        frame = frame.observe(malformed, F.count(RESCUED).alias("malformed"))
+        return BatchFrame(frame, sampled, read, malformed)
+    return BatchFrame(frame, sampled, read)
 
-    # Counted as the rows stream through the write: no extra pass.
-    rows_read = Observation(f"rows-read-{uuid.uuid4().hex}")
-    df = df.observe(rows_read, F.count(F.lit(1)).alias("rows"))
-    return BatchFrame(_with_source_columns(spark, df, files), rows_read)
+
+def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], sample_bytes: int) -> Any:
+    """The schema Spark infers from the files' heads, with the columns the read needs beyond them.
+
+    Hinted columns the heads lack are read too (a hint names a column the user knows
+    of, however rare), and RESCUE needs the corrupt-record column whether or not the
+    heads had a malformed line.
+    """
+    from pyspark.sql.types import StringType
+
+    rescue = schema.evolution == Schema.EVOLUTION_RESCUE
+    with tempfile.TemporaryDirectory(prefix="autoloader-sample-") as scratch:
+        sample = sample_paths(paths, sample_bytes, Path(scratch))
+        inferred = _with_options(spark.read, fmt, rescue).json([_glob_escaped(p) for p in sample]).schema
+    present = {name.lower() for name in inferred.fieldNames()}
+    missing = {name: type_ for name, type_ in schema.hints.items() if name.lower() not in present}
+    if missing:
+        declared = spark.createDataFrame([], ", ".join(f"`{n}` {t}" for n, t in missing.items())).schema
+        for field_ in declared.fields:
+            inferred = inferred.add(field_)
+    if rescue and _CORRUPT not in inferred.fieldNames():
+        inferred = inferred.add(_CORRUPT, StringType())
+    return inferred
 
 
 def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
@@ -118,9 +174,9 @@ def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
     The small side is keyed by the paths as Spark spells them (from inputFiles(), no
     scan), so each row costs one hash probe on its raw _metadata.file_path. Decoding
     that path per row and looking it up in literal maps made the write half again as
-    slow, and so does an outer join; with this inner join a row whose path matched
-    no key would be dropped, which the worker detects (rows written < rows read) and
-    fails the batch for.
+    slow, and so does an outer join. With this inner join, the rows of a file whose
+    path Spark spelled in a way no key matches would be dropped, all of them (the
+    path is the file's): the worker checks every file that staged no rows.
     """
     from pyspark.sql import functions as F
 
@@ -159,6 +215,10 @@ def _with_options(reader: Any, fmt: Format, rescue: bool) -> Any:
         reader = reader.option("multiLine", fmt.multiline)
         if fmt.encoding:
             reader = reader.option("encoding", fmt.encoding)
+    if fmt.type in (Format.TYPE_PARQUET, Format.TYPE_ORC):
+        # Every file's footer: by default Spark takes the schema of one file and drops the
+        # columns only others have.
+        reader = reader.option("mergeSchema", True)
     if fmt.type == Format.TYPE_CSV:
         reader = reader.option("header", fmt.header).option("inferSchema", True)
         for option, value in (("sep", fmt.delimiter), ("quote", fmt.quote), ("escape", fmt.escape)):

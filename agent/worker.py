@@ -25,7 +25,8 @@ from urllib.parse import urlparse
 from agent.evolution import NewColumnsRejected, align
 from agent.heartbeat import Heartbeat
 from agent.protocol import Batch, LeaseClient, Stopped
-from agent.reader import SourceFile, UnmatchedRows, UnsupportedFormat, local_path, read_batch
+from agent.reader import SourceFile, UnmatchedRows, UnsupportedFormat, local_path, read_batch, samples
+from agent.sampling import HEAD_BYTES
 from agent.sink import IcebergSink, PartitionUnsupported, Staged, spark_types
 from agent.staging import StagedFiles, StagingError
 from autoloader.v1 import lease_pb2
@@ -52,6 +53,10 @@ class LeaseGone(Exception):
     """The lease was lost or the batch abandoned: do not commit, do not report."""
 
 
+class SampleMismatch(Exception):
+    """Rows a schema inferred from the files' heads could not hold; whole-file inference may."""
+
+
 @dataclass
 class BatchOutcome:
     results: dict[str, lease_pb2.FileResult] = field(default_factory=dict)
@@ -69,6 +74,7 @@ class Worker:
         credentials: dict[str, dict[str, str]] | None = None,
         max_files: int = 0,
         max_bytes: int = 0,
+        infer_sample_bytes: int = HEAD_BYTES,
         lease_wait: float = 20.0,
         shutdown_grace: float = 30.0,
         stop: threading.Event | None = None,
@@ -80,6 +86,7 @@ class Worker:
         self._credentials = credentials or {}
         self._max_files = max_files
         self._max_bytes = max_bytes
+        self._sample_bytes = infer_sample_bytes
         self._wait = lease_wait
         self._grace = shutdown_grace
         self.stop = stop or threading.Event()
@@ -139,7 +146,8 @@ class Worker:
         outcome = BatchOutcome()
         with Heartbeat(self._client, batch.lease) as heartbeat:
             try:
-                self._process(batch, list(batch.files), heartbeat, outcome)
+                sample = self._sample_bytes > 0 and samples(batch.ingestion.format, batch.ingestion.schema)
+                self._process(batch, list(batch.files), heartbeat, outcome, sample)
             except LeaseGone:
                 if self._abandon.is_set() and not heartbeat.lost.is_set():
                     released = self._client.release(batch.lease.name)
@@ -181,15 +189,28 @@ class Worker:
                      extra={"action": "agent.orphans"})  # fmt: skip
 
     def _process(
-        self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat, outcome: BatchOutcome
+        self,
+        batch: Batch,
+        files: list[lease_pb2.LeasedFile],
+        heartbeat: Heartbeat,
+        outcome: BatchOutcome,
+        sample: bool,
     ) -> None:
         try:
-            counts = self._ingest(batch, files, heartbeat)
+            counts = self._ingest(batch, files, heartbeat, sample)
         except LeaseGone:
             raise
         except Exception as error:
             if self._abandon.is_set() or not heartbeat.still_held():
                 raise LeaseGone() from error
+            if sample and not isinstance(error, StagingError):
+                # The schema came from the files' heads and rows past them did not fit it (a wider
+                # type, a malformed line): the whole files decide, for the batch and its halves.
+                log.info("batch of %d failed with a sampled schema (%s); inferring from whole files",
+                         len(files), type(error).__name__, extra={"action": "agent.resample",
+                                                                  "lease": batch.lease.name})  # fmt: skip
+                self._process(batch, files, heartbeat, outcome, sample=False)
+                return
             if len(files) == 1:
                 outcome.results[files[0].name] = _failure(files[0], error)
                 return
@@ -197,8 +218,8 @@ class Worker:
             middle = len(files) // 2
             log.info("batch of %d failed (%s); retrying halves", len(files), type(error).__name__,
                      extra={"action": "agent.split", "lease": batch.lease.name})  # fmt: skip
-            self._process(batch, files[:middle], heartbeat, outcome)
-            self._process(batch, files[middle:], heartbeat, outcome)
+            self._process(batch, files[:middle], heartbeat, outcome, sample)
+            self._process(batch, files[middle:], heartbeat, outcome, sample)
             return
         for f in files:
             outcome.results[f.name] = lease_pb2.FileResult(
@@ -213,7 +234,9 @@ class Worker:
         if self._abandon.is_set() or not heartbeat.still_held():
             raise LeaseGone()
 
-    def _ingest(self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat) -> dict[str, int]:
+    def _ingest(
+        self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat, sample: bool
+    ) -> dict[str, int]:
         """Reads, stages and commits `files`; returns records per source path."""
         self._check_held(heartbeat)
         ingestion = batch.ingestion
@@ -229,7 +252,8 @@ class Worker:
                 )
                 for f in files
             ]  # fmt: skip
-            read = read_batch(self._spark, ingestion.format, ingestion.schema, sources)  # infers: a Spark job
+            sample_bytes = self._sample_bytes if sample else 0
+            read = read_batch(self._spark, ingestion.format, ingestion.schema, sources, sample_bytes)  # infers
             self._check_held(heartbeat)
             table = self.sink.table(name)
             aligned = align(read.frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)
@@ -238,11 +262,15 @@ class Worker:
             try:
                 written = _write(aligned.frame, prefix, list(ingestion.destination.partition_by))
                 contents = _read_staged(written)
-                rows_read, rows_staged = read.rows_read(), sum(contents.counts.values())
-                if rows_staged != rows_read:
-                    # A row whose file Spark named in a way we did not match (reader._with_source_columns)
-                    # was dropped by the join: fail rather than commit a batch without it.
-                    raise UnmatchedRows(f"Spark read {rows_read} rows and staged {rows_staged}")
+                # A file Spark named in a way the join did not match (reader._with_source_columns)
+                # lost all its rows: fail rather than commit the batch without them.
+                unstaged = [staged.local(f.path) for f in files if f.size_bytes and not contents.counts.get(f.path)]
+                if unstaged and (rows := read.rows_in(unstaged)):
+                    raise UnmatchedRows(f"Spark read {rows} rows of {len(unstaged)} files and staged none of them")
+                if read.sampled and read.rows_malformed():
+                    # RESCUE keeps a row that does not fit the schema whole, as malformed; one that
+                    # does not fit a schema from the heads may fit the whole files' (a wider type).
+                    raise SampleMismatch(f"{read.rows_malformed()} rows did not fit the sampled schema")
                 with self._commit_lock:
                     self._check_held(heartbeat)
                     _fault("crash_before_commit")
@@ -404,7 +432,8 @@ def _failure(file: lease_pb2.LeasedFile, error: BaseException) -> lease_pb2.File
 def _classify(error: BaseException) -> tuple[str, bool]:
     if isinstance(error, NewColumnsRejected):
         return "NewColumnsRejected", False
-    if isinstance(error, (UnsupportedFormat, PartitionUnsupported)):
+    # UnmatchedRows: this agent cannot attribute the file's rows, however often it tries.
+    if isinstance(error, (UnsupportedFormat, PartitionUnsupported, UnmatchedRows)):
         return type(error).__name__, False
     if isinstance(error, StagingError):
         return "SourceUnavailable", True

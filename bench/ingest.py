@@ -95,9 +95,9 @@ def baseline(spark: object, source: Path, out: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~12 MB in 8 files and 100 small files")
-    parser.add_argument("--rounds", type=int, default=0, help="large-file rounds per side, best kept (3; quick: 2)")
+    parser.add_argument("--rounds", type=int, default=0, help="large-file rounds per side, best kept (5; quick: 2)")
     args = parser.parse_args()
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     large_files, large_bytes = (8, 1_500_000) if args.quick else (50, 4_000_000)
     small_files, small_bytes = (100, 10_000) if args.quick else (2_000, 10_000)
     warmup_files, warmup_bytes = (2, 500_000) if args.quick else (4, 1_000_000)

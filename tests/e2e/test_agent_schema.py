@@ -207,3 +207,23 @@ def test_bucket_partitioned_table(stack: Stack, workdir: Path) -> None:
     assert len(tasks) == 1
     assert 1 < len(list(table.scan().plan_files())) <= 4
     assert 7 in table.scan(row_filter=EqualTo("id", 7)).to_arrow().column("id").to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "orc"])
+def test_files_with_different_columns_in_one_batch_keep_them_all(
+    stack: Stack, workdir: Path, spark: Any, fmt: str
+) -> None:
+    """Spark reads one footer for the schema unless told to merge them: b would be lost."""
+    source = workdir / "src"
+    spark.createDataFrame([(1, "x")], "id long, a string").coalesce(1).write.format(fmt).save(str(source / "1"))
+    spark.createDataFrame([(2, "y", 2.5)], "id long, a string, b double").coalesce(1).write.format(fmt).save(
+        str(source / "2")
+    )
+    kind = {"parquet": Format.TYPE_PARQUET, "orc": Format.TYPE_ORC}[fmt]
+    ingestion = stack.create(fmt, source.as_uri(), Format(type=kind),
+                             source_fields={"glob": f"**/*.{fmt}", "recursive": True})  # fmt: skip
+    stack.start_agent()
+    assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
+    rows = by_id(stack.rows(f"e2e.{fmt}"))
+    assert rows[2]["b"] == 2.5
+    assert rows[1]["b"] is None
