@@ -1,6 +1,6 @@
 """Ingestion throughput through control plane + agent vs plain Spark on the same data.
 
-    python bench/ingest.py            # ~200 MB of JSON lines in 50 files, and 2,000 files of 10 KB
+    python bench/ingest.py            # ~200 MB of JSON lines in 50 files (best of 5), and 2,000 files of 10 KB
     python bench/ingest.py --quick    # ~12 MB in 8 files, and 100 files of 10 KB (about a minute)
 
 "ours" runs a real control plane (embedded PostgreSQL) and one agent in this process: StartRun,
@@ -8,9 +8,10 @@ discovery, leases, Spark reading the files, Parquet staged in the table's locati
 commit per batch (delete the batch's source files' rows + add the files), and the reports, timed
 from the run's create_time to its end_time as the control plane records them. "baseline" is
 `spark.read.json(dir).write.parquet(out)` on the same files with the same Spark session (so the
-JVM is warm for both; each side runs once to warm up first). Both infer the JSON schema. The large
-files go through both sides several times, alternating, and each side's best time counts: single
-runs on a shared 2-core machine vary by a third. Printed: MB/s and files/s for both, and the
+JVM is warm for both; each side runs once to warm up first). Each side infers the JSON schema as it
+does by default: the agent from the first 64 KiB of every file, plain Spark from every row. The
+large files go through both sides several times, alternating, and each side's best time counts:
+single runs on a shared 2-core machine vary by a third. Printed: MB/s and files/s for both, and the
 ratios; the BENCH line is the large-file MB/s figure.
 """
 
