@@ -13,6 +13,8 @@ from agent.protocol import LeaseClient, error_reason, timedelta_of
 from autoloader.v1 import lease_pb2
 
 log = logging.getLogger(__name__)
+# Seconds between extension attempts after one failed.
+RETRY_AFTER = 0.5
 
 
 class Heartbeat:
@@ -42,14 +44,22 @@ class Heartbeat:
         self._done.set()
         self._thread.join(timeout=5)
 
+    @property
+    def expires(self) -> datetime:
+        """Until when the lease is held, as of its last extension."""
+        return self._expires
+
     def still_held(self) -> bool:
         """True while the lease is ours and has not expired (checked right before a commit)."""
         return not self.lost.is_set() and datetime.now(UTC) < self._expires
 
     def _run(self) -> None:
-        while not self._done.wait(self._interval):
+        wait = self._interval
+        while not self._done.wait(wait):
+            wait = self._interval
+            left = (self._expires - datetime.now(UTC)).total_seconds()
             try:
-                lease = self._client.extend(self._lease)
+                lease = self._client.extend(self._lease, timeout=max(left, 0.1))
                 self._expires = lease.expire_time.ToDatetime(tzinfo=UTC)
             except grpc.RpcError as error:
                 if error_reason(error) == "LEASE_LOST" or error.code() in (
@@ -60,6 +70,9 @@ class Heartbeat:
                     return
                 log.warning("could not extend %s: %s", self._lease, error.code().name,
                             extra={"action": "agent.heartbeat"})  # fmt: skip
+                # A control plane that restarts is back within seconds: try again soon, not a
+                # whole interval later, so a short outage costs no lease.
+                wait = min(self._interval, RETRY_AFTER)
             if datetime.now(UTC) >= self._expires:
                 log.warning("lease expired before it could be extended: %s", self._lease,
                             extra={"action": "agent.lease_lost"})  # fmt: skip

@@ -18,12 +18,23 @@ from agent.worker import Worker
 log = logging.getLogger(__name__)
 
 
+def control_plane_channel(address: str) -> grpc.Channel:
+    """The agent's channel: it reconnects within a second of the control plane coming back.
+
+    gRPC's default reconnect backoff grows to minutes; a lease's heartbeat has only its TTL.
+    """
+    return grpc.insecure_channel(address, options=[
+        ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ])  # fmt: skip
+
+
 def build_worker(settings: AgentSettings, *, database_url: str | None = None, stop: threading.Event | None = None,
                  spark: Any = None) -> tuple[Worker, grpc.Channel]:  # fmt: skip
     stop = stop or threading.Event()
     # Spark first: its JVM is launched with a fork, best done before any gRPC channel exists.
     spark = spark if spark is not None else spark_session(settings)
-    channel = grpc.insecure_channel(settings.address)
+    channel = control_plane_channel(settings.address)
     metadata: tuple[tuple[str, str], ...] = ()
     if settings.token is not None:
         metadata = (("authorization", f"Bearer {settings.token.get_secret_value()}"),)

@@ -96,10 +96,14 @@ class LeaseClient:
             return None
         return Batch(reply.lease, list(reply.files), reply.ingestion)
 
-    def extend(self, lease: str) -> lease_pb2.Lease:
-        """One attempt (the heartbeat retries on its own schedule)."""
+    def extend(self, lease: str, timeout: float = CALL_TIMEOUT) -> lease_pb2.Lease:
+        """One attempt (the heartbeat retries on its own schedule).
+
+        It waits for a connection, up to `timeout`, instead of failing at once while the
+        control plane restarts: the heartbeat gives it the time its lease has left.
+        """
         request = lease_pb2.ExtendLeaseRequest(lease=lease, agent=self.agent)
-        return self._stub.ExtendLease(request, timeout=CALL_TIMEOUT, metadata=self._metadata).lease
+        return self._stub.ExtendLease(request, timeout=timeout, metadata=self._metadata, wait_for_ready=True).lease
 
     def report(
         self, lease: str, results: list[lease_pb2.FileResult], schema_version: int = 0

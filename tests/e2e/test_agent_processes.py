@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -597,3 +598,49 @@ def test_spark_launch_is_not_broken_by_the_grpc_channel(workdir: Path) -> None:
     assert probe.returncode == 0, probe.stderr[-3000:]
     failed, codes = probe.stdout.split(maxsplit=1)
     assert int(failed) == 0, f"{failed} of 300 JVM launches died ({codes.strip()}): {probe.stderr[-1500:]}"
+
+
+def test_a_control_plane_restart_shorter_than_the_ttl_costs_no_lease(
+    make_plane: Callable[..., Stack], workdir: Path, database_url: str
+) -> None:
+    """The heartbeat waits for the control plane to come back and retries soon after a failure."""
+    import threading
+
+    from agent.heartbeat import Heartbeat
+    from agent.main import control_plane_channel
+    from agent.protocol import LeaseClient
+
+    stack = make_plane(lease_ttl=timedelta(seconds=12))  # extended every 4 s
+    source = workdir / "one"
+    source.mkdir()
+    (source / "a.json").write_text('{"id": 1}\n')
+    ingestion = stack.create("restart", source.as_uri(), ingestion_pb2.Format(type=ingestion_pb2.Format.TYPE_JSON))
+    start_run(stack, ingestion)
+    channel = control_plane_channel(stack.plane.address)
+    client = LeaseClient(channel, "hb", threading.Event(), retry_initial=0.1, retry_max=1.0)
+    batch = None
+    deadline = time.monotonic() + 30
+    while batch is None and time.monotonic() < deadline:
+        batch = client.lease(1.0, 0, 0)
+    assert batch is not None
+    first_expiry = batch.lease.expire_time.ToDatetime()
+    try:
+        with Heartbeat(client, batch.lease) as heartbeat:
+            address = stack.plane.address
+            stack.plane.stop(grace=0)
+            # Down across two extensions (4 s, 8 s): a heartbeat that only tried every interval
+            # would next try at 12 s, when the lease has expired.
+            time.sleep(8.5)
+            stack.plane = bootstrap.start(
+                plane_settings(database_url, workdir / "state", listen_address=address, lease_ttl=timedelta(seconds=12))
+            )
+            time.sleep(1.5)
+            # Extended while its first expiry (12 s) is still ahead: the attempt at 4 s waited for
+            # the control plane, instead of failing at once and again at 8 s.
+            assert heartbeat.expires > first_expiry.replace(tzinfo=UTC)
+            time.sleep(3.0)  # past the first expiry
+            assert not heartbeat.lost.is_set()
+            assert heartbeat.still_held()
+        assert client.extend(batch.lease.name).expire_time.ToDatetime() > first_expiry  # still ours
+    finally:
+        channel.close()

@@ -657,13 +657,17 @@ def test_no_transaction_stays_open_while_leases_are_out(api: Api, engine: Engine
     waiting, _ = waiting_lease(api, "waiter", 3, ingestion="ingestions/nope")
     with engine.connect() as conn:
         database = conn.execute(text("SELECT current_database()")).scalar_one()
-        for _ in range(20):
+        # Held, not passing through: a background task's transaction is idle in transaction for
+        # the instant between two of its statements (longer on a loaded machine), while one held
+        # across the long-poll would stay so for the whole 3 s wait.
+        for _ in range(40):
             idle = conn.execute(
                 text(
                     """
-                    SELECT pid, state, query FROM pg_stat_activity
+                    SELECT pid, state, query, now() - state_change AS held FROM pg_stat_activity
                     WHERE datname = :db AND pid <> pg_backend_pid()
                       AND state IN ('idle in transaction', 'idle in transaction (aborted)')
+                      AND now() - state_change > interval '500 milliseconds'
                     """
                 ),
                 {"db": database},
