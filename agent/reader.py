@@ -73,7 +73,6 @@ def explicit_schema(schema: Schema) -> str:
 @dataclass(frozen=True)
 class BatchFrame:
     frame: Any  # the files' rows with their source columns and ours
-    sampled: bool  # the schema was inferred from the files' heads
     _read: Callable[[list[str]], Any]  # paths -> their rows, read as the frame reads them
     _malformed: Any = None  # with a sampled schema and RESCUE: a pyspark Observation
 
@@ -82,7 +81,8 @@ class BatchFrame:
         return int(self._read([_glob_escaped(local_path(p)) for p in paths]).count())
 
     def rows_malformed(self) -> int:
-        """Rows Spark could not parse, kept whole in _rescued_data; once the frame is written."""
+        """With a sampled schema and RESCUE, the rows Spark could not parse (kept whole in
+        _rescued_data); otherwise 0. Once the frame is written."""
         return int(self._malformed.get["malformed"]) if self._malformed is not None else 0
 
 
@@ -101,7 +101,7 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile],
     """The files' rows with their source columns plus _source_file, _source_modified_at, _ingested_at, _run.
 
     With sample_bytes (and a batch that `samples`), the schema is inferred from the
-    first sample_bytes of each file, not from all of them; the frame is then `sampled`.
+    first sample_bytes of each file, not from all of them.
     """
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
@@ -140,8 +140,8 @@ def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile],
         # counted as the rows stream through the write, so the worker can infer again.
         malformed = Observation(f"malformed-{uuid.uuid4().hex}")
         frame = frame.observe(malformed, F.count(RESCUED).alias("malformed"))
-        return BatchFrame(frame, sampled, read, malformed)
-    return BatchFrame(frame, sampled, read)
+        return BatchFrame(frame, read, malformed)
+    return BatchFrame(frame, read)
 
 
 def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], sample_bytes: int) -> Any:
