@@ -12,21 +12,23 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from agent.layout import PARTITION_COLUMNS, lay_out, timestamp_value
 from agent.sampling import sample_paths
 from autoloader.v1 import ingestion_pb2
 
 Format = ingestion_pb2.Format
 Schema = ingestion_pb2.Schema
 
-METADATA_COLUMNS = ("_source_file", "_source_modified_at", "_ingested_at", "_run")
+METADATA_COLUMNS = tuple(name for name, _ in PARTITION_COLUMNS)
 RESCUED = "_rescued_data"
 _CORRUPT = "_corrupt_record"
 _SPARK_PATH = "_autoloader_spark_path"
+_SHADOWED = "_autoloader_shadowed"
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,12 @@ def explicit_schema(schema: Schema) -> str:
 @dataclass(frozen=True)
 class BatchFrame:
     frame: Any  # the files' rows with their source columns and ours
-    _read: Callable[[list[str]], Any]  # paths -> their rows, read as the frame reads them
+    _read: Callable[[list[str]], Any]  # local paths -> their rows, read as the frame reads them
     _malformed: Any = None  # with a sampled schema and RESCUE: a pyspark Observation
 
     def rows_in(self, paths: list[str]) -> int:
         """How many rows Spark reads from these of the batch's files (a job of its own)."""
-        return int(self._read([_glob_escaped(local_path(p)) for p in paths]).count())
+        return int(self._read([local_path(p) for p in paths]).count())
 
     def rows_malformed(self) -> int:
         """With a sampled schema and RESCUE, the rows Spark could not parse (kept whole in
@@ -97,51 +99,100 @@ def samples(fmt: Format, schema: Schema) -> bool:
     return fmt.type == Format.TYPE_JSON and not fmt.multiline and ascii_newlines and not explicit
 
 
-def read_batch(spark: Any, fmt: Format, schema: Schema, files: list[SourceFile], sample_bytes: int = 0) -> BatchFrame:
+def read_batch(
+    spark: Any, fmt: Format, schema: Schema, files: list[SourceFile], sample_bytes: int = 0, scratch: Path | None = None
+) -> BatchFrame:
     """The files' rows with their source columns plus _source_file, _source_modified_at, _ingested_at, _run.
 
     With sample_bytes (and a batch that `samples`), the schema is inferred from the
-    first sample_bytes of each file, not from all of them.
+    first sample_bytes of each file, not from all of them. With scratch (a directory
+    the Spark session can read, kept until the frame is written), the files are read
+    through links that carry our columns as partition values (agent.layout).
     """
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
-    rescue = schema.evolution == Schema.EVOLUTION_RESCUE
-    reader = spark.read
-    plain_paths = [local_path(f.local) for f in files]
-    sampled = bool(sample_bytes) and samples(fmt, schema)
-    if schema.mode == Schema.MODE_EXPLICIT and schema.columns:
-        ddl = explicit_schema(schema)
-        if rescue and fmt.type in (Format.TYPE_JSON, Format.TYPE_CSV):
-            ddl += f", `{_CORRUPT}` string"
-        reader = reader.schema(ddl)
-    elif sampled:
-        reader = reader.schema(_sampled_schema(spark, fmt, schema, plain_paths, sample_bytes))
-    reader = _with_options(reader, fmt, rescue)
-    paths = [_glob_escaped(p) for p in plain_paths]
-    read = {
-        Format.TYPE_JSON: reader.json,
-        Format.TYPE_CSV: reader.csv,
-        Format.TYPE_PARQUET: lambda p: reader.parquet(*p),  # varargs, unlike the others
-        Format.TYPE_ORC: reader.orc,
-        Format.TYPE_TEXT: reader.text,
-    }.get(fmt.type)
-    if read is None:
+    if fmt.type not in _LOADERS:
         raise UnsupportedFormat(f"format {Format.Type.Name(fmt.type)} is not supported by this agent's Spark")
-    df = read(paths)
+    rescue = schema.evolution == Schema.EVOLUTION_RESCUE
+    plain_paths = [local_path(f.local) for f in files]
+    ingested_at = datetime.now(UTC)
+    links = None
+    if scratch is not None:
+        links = lay_out(
+            [(p, (f.uri, timestamp_value(f.modified_time), timestamp_value(ingested_at), f.run))
+             for p, f in zip(plain_paths, files, strict=True)],
+            scratch,
+        )  # fmt: skip
+    # Inference reads the links too: Hadoop reads them where it cannot parse the files' own names.
+    readable = dict(zip(plain_paths, links or plain_paths, strict=True))
+    sampled = bool(sample_bytes) and samples(fmt, schema)
+    data_schema: Any = None  # a DDL string or a StructType; None: Spark infers it as it reads
+    if schema.mode == Schema.MODE_EXPLICIT and schema.columns:
+        data_schema = explicit_schema(schema)
+        if rescue and fmt.type in (Format.TYPE_JSON, Format.TYPE_CSV):
+            data_schema += f", `{_CORRUPT}` string"
+    elif sampled:
+        data_schema = _sampled_schema(spark, fmt, schema, list(readable.values()), sample_bytes)
+
+    def read(paths: list[str], with_schema: Any = data_schema, **options: str) -> Any:
+        """The rows of these of the batch's files (local paths), as the batch reads them."""
+        reader = spark.read if with_schema is None else spark.read.schema(with_schema)
+        escaped = [_glob_escaped(readable.get(p, p)) for p in paths]
+        return _LOADERS[fmt.type](_with_options(reader, fmt, rescue).options(**options), escaped)
+
+    if links is not None:
+        # Spark infers the data columns as the plain read would: from the files, not their directories.
+        inferred = data_schema if data_schema is not None else read(plain_paths).schema
+        assert scratch is not None
+        df = read(plain_paths, _with_partition_columns(spark, inferred), basePath=str(scratch))
+        df = df.drop(*[c for c in df.columns if c.startswith(_SHADOWED)])
+    else:
+        df = _with_source_columns(spark, read(plain_paths), files, ingested_at)
     if rescue and _CORRUPT in df.columns:
         df = df.withColumnRenamed(_CORRUPT, RESCUED)
     for name, type_ in schema.hints.items():
         if name in df.columns:
             df = df.withColumn(name, F.expr(f"try_cast(`{name}` AS {type_})"))
-    frame = _with_source_columns(spark, df, files)
     if sampled and rescue:
         # A row past the heads that does not fit the sampled schema is kept whole, as malformed:
         # counted as the rows stream through the write, so the worker can infer again.
         malformed = Observation(f"malformed-{uuid.uuid4().hex}")
-        frame = frame.observe(malformed, F.count(RESCUED).alias("malformed"))
-        return BatchFrame(frame, read, malformed)
-    return BatchFrame(frame, read)
+        df = df.observe(malformed, F.count(RESCUED).alias("malformed"))
+        return BatchFrame(df, read, malformed)
+    return BatchFrame(df, read)
+
+
+_LOADERS: dict[int, Callable[[Any, list[str]], Any]] = {
+    Format.TYPE_JSON: lambda reader, paths: reader.json(paths),
+    Format.TYPE_CSV: lambda reader, paths: reader.csv(paths),
+    Format.TYPE_PARQUET: lambda reader, paths: reader.parquet(*paths),  # varargs, unlike the others
+    Format.TYPE_ORC: lambda reader, paths: reader.orc(paths),
+    Format.TYPE_TEXT: lambda reader, paths: reader.text(paths),
+}
+
+
+def _with_partition_columns(spark: Any, data_schema: Any) -> Any:
+    """The data columns, then ours (read from the links' directories).
+
+    A source column named like one of ours is read under another name and dropped:
+    ours replace it, and CSV columns are matched by position, so it must stay in place.
+    """
+    from pyspark.sql.types import StructField, StructType
+
+    if isinstance(data_schema, str):
+        data_schema = spark.createDataFrame([], data_schema).schema
+    ours = {name for name, _ in PARTITION_COLUMNS}
+    fields = [
+        StructField(f"{_SHADOWED}{f.name}", f.dataType, f.nullable) if f.name in ours else f for f in data_schema.fields
+    ]
+    return StructType(fields + [StructField(name, _spark_type(type_)) for name, type_ in PARTITION_COLUMNS])
+
+
+def _spark_type(name: str) -> Any:
+    from pyspark.sql.types import StringType, TimestampType
+
+    return {"string": StringType(), "timestamp": TimestampType()}[name]
 
 
 def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], sample_bytes: int) -> Any:
@@ -168,8 +219,11 @@ def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], s
     return inferred
 
 
-def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
-    """Adds each row's _source_file, _source_modified_at and _run by joining on its file's path.
+def _with_source_columns(spark: Any, df: Any, files: list[SourceFile], ingested_at: datetime) -> Any:
+    """Adds our columns to a frame read from the files themselves, joining each row's path to its file.
+
+    For batches agent.layout cannot lay out, or a Spark that cannot see the agent's disk;
+    the layout costs nothing per row, this join a third of the write.
 
     The small side is keyed by the paths as Spark spells them (from inputFiles(), no
     scan), so each row costs one hash probe on its raw _metadata.file_path. Decoding
@@ -194,8 +248,8 @@ def _with_source_columns(spark: Any, df: Any, files: list[SourceFile]) -> Any:
     return (
         data.withColumn(_SPARK_PATH, F.col("_metadata.file_path"))
         .join(F.broadcast(sources), _SPARK_PATH)
-        .drop(_SPARK_PATH)
-        .withColumn("_ingested_at", F.current_timestamp())
+        .withColumn("_ingested_at", F.lit(ingested_at))
+        .select(*data.columns, *METADATA_COLUMNS)
     )
 
 

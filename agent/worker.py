@@ -14,11 +14,13 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -234,6 +236,15 @@ class Worker:
         if self._abandon.is_set() or not heartbeat.still_held():
             raise LeaseGone()
 
+    @contextlib.contextmanager
+    def _layout_root(self) -> Iterator[Path | None]:
+        """A directory for the batch's links (agent.layout), if this Spark reads the agent's disk."""
+        if type(self._spark).__module__.startswith("pyspark.sql.connect"):
+            yield None  # a Spark Connect server may run elsewhere
+            return
+        with tempfile.TemporaryDirectory(prefix="autoloader-batch-") as root:
+            yield Path(root)
+
     def _ingest(
         self, batch: Batch, files: list[lease_pb2.LeasedFile], heartbeat: Heartbeat, sample: bool
     ) -> dict[str, int]:
@@ -243,7 +254,10 @@ class Worker:
         name = ingestion.destination.table
         uris = [f.path for f in files]
         source = ingestion.source
-        with StagedFiles(uris, self._credentials, source.credentials_ref, dict(source.options)) as staged:
+        with (
+            StagedFiles(uris, self._credentials, source.credentials_ref, dict(source.options)) as staged,
+            self._layout_root() as layout_root,
+        ):
             sources = [
                 SourceFile(
                     uri=f.path, local=staged.local(f.path),
@@ -253,7 +267,9 @@ class Worker:
                 for f in files
             ]  # fmt: skip
             sample_bytes = self._sample_bytes if sample else 0
-            read = read_batch(self._spark, ingestion.format, ingestion.schema, sources, sample_bytes)  # infers
+            read = read_batch(
+                self._spark, ingestion.format, ingestion.schema, sources, sample_bytes, layout_root
+            )  # infers
             self._check_held(heartbeat)
             table = self.sink.table(name)
             aligned = align(read.frame, spark_types(table.schema()) if table else None, ingestion.schema.evolution)

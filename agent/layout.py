@@ -1,0 +1,75 @@
+"""A batch's files under directories that name their metadata columns' values.
+
+Spark reads `root/_source_file=V/_source_modified_at=V/_ingested_at=V/_run=V/name` with
+those four as partition columns: constants of the file, which the scan appends to each
+row as it appends `_metadata`, at no cost per row. Attaching them by joining every row's
+path to the batch's files cost a third of the write (docs/benchmarks.md).
+
+The directories hold symbolic links to the files, so nothing is copied, named so that
+Hadoop can read files whose own names it cannot parse. A value Spark
+could not read back exactly from a directory name - non-ASCII (the JVM decodes names in
+its own charset), or a name over the file system's 255 bytes - makes `lay_out` answer
+None, and the reader attaches the columns by the join instead.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+# In the order they nest, which is the order Spark appends them in.
+PARTITION_COLUMNS = (
+    ("_source_file", "string"),
+    ("_source_modified_at", "timestamp"),
+    ("_ingested_at", "timestamp"),
+    ("_run", "string"),
+)
+NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark names a null partition value
+_MAX_NAME_BYTES = 255
+# Spark unescapes %XX in partition directory names; everything but these is escaped.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]+")
+
+
+def directory_name(column: str, value: str | None) -> str | None:
+    """`column=value` as a directory Spark reads back as exactly `value`; None if it can't."""
+    if value is None:
+        return f"{column}={NULL}"
+    if not value.isascii():
+        return None
+    name = f"{column}={_UNSAFE.sub(lambda m: f'%{ord(m.group(0)):02X}', value)}"
+    return name if len(name) <= _MAX_NAME_BYTES else None
+
+
+def timestamp_value(moment: datetime | None) -> str | None:
+    """A partition value Spark casts to this instant whatever the session's time zone."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
+
+
+def lay_out(files: list[tuple[str, tuple[str | None, ...]]], root: Path) -> list[str] | None:
+    """Links each (local path, values of PARTITION_COLUMNS) under root; the links' paths.
+
+    None, with nothing created, if a value cannot be a directory name.
+    """
+    names = []
+    for path, values in files:
+        parts = [directory_name(column, value) for (column, _), value in zip(PARTITION_COLUMNS, values, strict=True)]
+        if any(part is None for part in parts) or not Path(path).is_absolute():
+            return None
+        names.append((path, parts))
+    links = []
+    for index, (path, parts) in enumerate(names):
+        directory = root.joinpath(*parts)  # type: ignore[arg-type]  # no None left
+        directory.mkdir(parents=True, exist_ok=True)
+        # Named by position: Hadoop cannot read a name with ':' (or '?', '#'), common in object
+        # keys. The extension stays: it names the codec (.gz, .bz2).
+        suffix = Path(path).suffix
+        link = directory / f"{index}{suffix if _EXTENSION.fullmatch(suffix) else ''}"
+        link.symlink_to(path)
+        links.append(str(link))
+    return links
