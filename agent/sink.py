@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 STAGING = "_staging"
 COMMIT_ATTEMPTS = 10
 LEASE_PROPERTY = "autoloader.lease"
+# Whole values as _source_file's bounds, not the default 16-character prefix, which the paths
+# of one table share: with it, every commit's delete of its batch's rows found every data file
+# of the table a candidate and read it (commits grew from 0.07 s to 0.6 s in 11 batches).
+TABLE_PROPERTIES = {"write.metadata.metrics.column._source_file": "full"}
 
 
 class PartitionUnsupported(Exception):
@@ -110,6 +114,8 @@ class IcebergSink:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "Delete operation did not match any records"
                     with table.transaction() as tx:
+                        if any(table.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
+                            tx.set_properties(TABLE_PROPERTIES)  # a table an older agent created
                         if arrow_schema is not None and _new_columns(table.schema(), arrow_schema):
                             with tx.update_schema() as update:
                                 update.union_by_name(_optional(arrow_schema))
@@ -136,7 +142,9 @@ class IcebergSink:
         namespace = name.rpartition(".")[0]
         self.catalog.create_namespace_if_not_exists(namespace)
         # At the location the batch was staged under, so the data files are inside the table.
-        table = self.catalog.create_table_if_not_exists(name, schema=_optional(arrow_schema), location=location)
+        table = self.catalog.create_table_if_not_exists(
+            name, schema=_optional(arrow_schema), location=location, properties=TABLE_PROPERTIES
+        )
         if partition_by:
             with table.update_spec() as spec:
                 for field in partition_by:
