@@ -186,10 +186,10 @@ def _with_partition_columns(spark: Any, data_schema: Any) -> Any:
     fields = [
         StructField(f"{_SHADOWED}{f.name}", f.dataType, f.nullable) if f.name in ours else f for f in data_schema.fields
     ]
-    return StructType(fields + [StructField(name, _spark_type(type_)) for name, type_ in PARTITION_COLUMNS])
+    return StructType(fields + [StructField(name, _partition_type(type_)) for name, type_ in PARTITION_COLUMNS])
 
 
-def _spark_type(name: str) -> Any:
+def _partition_type(name: str) -> Any:
     from pyspark.sql.types import StringType, TimestampType
 
     return {"string": StringType(), "timestamp": TimestampType()}[name]

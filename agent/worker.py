@@ -283,10 +283,10 @@ class Worker:
                 unstaged = [staged.local(f.path) for f in files if f.size_bytes and not contents.counts.get(f.path)]
                 if unstaged and (rows := read.rows_in(unstaged)):
                     raise UnmatchedRows(f"Spark read {rows} rows of {len(unstaged)} files and staged none of them")
-                if read.rows_malformed():
+                if malformed := read.rows_malformed():
                     # RESCUE keeps a row that does not fit the schema whole, as malformed; one that
                     # does not fit a schema from the heads may fit the whole files' (a wider type).
-                    raise SampleMismatch(f"{read.rows_malformed()} rows did not fit the sampled schema")
+                    raise SampleMismatch(f"{malformed} rows did not fit the sampled schema")
                 with self._commit_lock:
                     self._check_held(heartbeat)
                     _fault("crash_before_commit")
