@@ -6,10 +6,10 @@ row as it appends `_metadata`, at no cost per row. Attaching them by joining eve
 path to the batch's files cost a third of the write (docs/benchmarks.md).
 
 The directories hold symbolic links to the files, so nothing is copied, named so that
-Hadoop can read files whose own names it cannot parse. A value Spark
-could not read back exactly from a directory name - non-ASCII (the JVM decodes names in
-its own charset), or a name over the file system's 255 bytes - makes `lay_out` answer
-None, and the reader attaches the columns by the join instead.
+Hadoop can read files whose own names it cannot parse. A value Spark could not read back
+exactly from a directory name - a name over the file system's 255 bytes, or non-ASCII
+when Python or the JVM does not name files in UTF-8 - makes `lay_out` answer None, and
+the reader attaches the columns by the join instead.
 """
 
 from __future__ import annotations
@@ -27,19 +27,24 @@ PARTITION_COLUMNS = (
 )
 NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark names a null partition value
 _MAX_NAME_BYTES = 255
-# Spark unescapes %XX in partition directory names; everything but these is escaped.
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Spark unescapes %XX in partition directory names, one byte to one character: every ASCII
+# character but these is escaped, and non-ASCII ones are left as they are.
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-\x80-\U0010ffff]")
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]+")
 
 
-def directory_name(column: str, value: str | None) -> str | None:
-    """`column=value` as a directory Spark reads back as exactly `value`; None if it can't."""
+def directory_name(column: str, value: str | None, utf8_names: bool = False) -> str | None:
+    """`column=value` as a directory Spark reads back as exactly `value`; None if it can't.
+
+    utf8_names: whether Python and Spark's JVM both name files in UTF-8, so a non-ASCII
+    value survives as it is.
+    """
     if value is None:
         return f"{column}={NULL}"
-    if not value.isascii():
+    if not (value.isascii() or utf8_names):
         return None
     name = f"{column}={_UNSAFE.sub(lambda m: f'%{ord(m.group(0)):02X}', value)}"
-    return name if len(name) <= _MAX_NAME_BYTES else None
+    return name if len(name.encode("utf-8", "surrogatepass")) <= _MAX_NAME_BYTES else None
 
 
 def timestamp_value(moment: datetime | None) -> str | None:
@@ -51,14 +56,17 @@ def timestamp_value(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00:00")
 
 
-def lay_out(files: list[tuple[str, tuple[str | None, ...]]], root: Path) -> list[str] | None:
+def lay_out(files: list[tuple[str, tuple[str | None, ...]]], root: Path, utf8_names: bool = False) -> list[str] | None:
     """Links each (local path, values of PARTITION_COLUMNS) under root; the links' paths.
 
-    None, with nothing created, if a value cannot be a directory name.
+    None, with nothing created, if a value cannot be a directory name (see directory_name).
     """
     names = []
     for path, values in files:
-        parts = [directory_name(column, value) for (column, _), value in zip(PARTITION_COLUMNS, values, strict=True)]
+        parts = [
+            directory_name(column, value, utf8_names)
+            for (column, _), value in zip(PARTITION_COLUMNS, values, strict=True)
+        ]
         if any(part is None for part in parts) or not Path(path).is_absolute():
             return None
         names.append((path, parts))

@@ -7,7 +7,9 @@ malformed records are kept, as text, in `_rescued_data`.
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -123,6 +125,7 @@ def read_batch(
             [(p, (f.uri, timestamp_value(f.modified_time), timestamp_value(ingested_at), f.run))
              for p, f in zip(plain_paths, files, strict=True)],
             scratch,
+            _utf8_file_names(spark),
         )  # fmt: skip
     # Inference reads the links too: Hadoop reads them where it cannot parse the files' own names.
     readable = dict(zip(plain_paths, links or plain_paths, strict=True))
@@ -161,6 +164,14 @@ def read_batch(
         df = df.observe(malformed, F.count(RESCUED).alias("malformed"))
         return BatchFrame(df, read, malformed)
     return BatchFrame(df, read)
+
+
+@functools.cache
+def _utf8_file_names(spark: Any) -> bool:
+    """Whether Python and the session's JVM both name files in UTF-8 (a link's directories are
+    named by one and read by the other)."""
+    jvm = spark.sparkContext._jvm.java.lang.System.getProperty("sun.jnu.encoding")
+    return all(str(e).lower().replace("-", "") == "utf8" for e in (jvm, sys.getfilesystemencoding()))
 
 
 _LOADERS: dict[int, Callable[[Any, list[str]], Any]] = {

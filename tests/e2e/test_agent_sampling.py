@@ -115,24 +115,25 @@ def test_a_malformed_line_past_the_head_fails_only_its_file(stack: Stack, workdi
 def test_a_file_whose_rows_the_join_missed_fails_instead_of_committing_without_them(
     stack: Stack, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch with a non-ASCII path cannot be laid out (agent.layout), so its source columns come
-    from an inner join on the path as Spark spells it; a spelling it did not foresee must not drop
-    a file's rows silently."""
+    """A batch with a path too long for a directory name cannot be laid out (agent.layout), so its
+    source columns come from an inner join on the path as Spark spells it; a spelling it did not
+    foresee must not drop a file's rows silently."""
     from agent import reader
 
     spellings = reader._spellings
     monkeypatch.setattr(reader, "_spellings", lambda p: ["nowhere"] if "victim" in p else spellings(p))
     source = workdir / "src"
     write_jsonl(source / "fine.json", rows_of(3))
-    write_jsonl(source / "victim-é.json", rows_of(3))
+    victim = "victim-" + "x" * 200 + ".json"
+    write_jsonl(source / victim, rows_of(3))
     (source / "blank.json").write_text("\n\n")  # bytes but no rows: staging none of them is right
     ingestion = stack.create("unmatched", source.as_uri(), JSON)
     stack.start_agent()
     run = stack.run(ingestion)
     assert run.state == Run.STATE_PARTIALLY_SUCCEEDED, run
     files = {Path(f.path).name: f for f in stack.list_files(ingestion)}
-    assert files["victim-é.json"].state == File.STATE_QUARANTINED  # not retryable: the same agent fails again
-    assert "UnmatchedRows" in files["victim-é.json"].last_error
+    assert files[victim].state == File.STATE_QUARANTINED  # not retryable: the same agent fails again
+    assert "UnmatchedRows" in files[victim].last_error
     assert files["fine.json"].state == File.STATE_SUCCEEDED
     assert files["blank.json"].state == File.STATE_SUCCEEDED
     assert len(stack.rows("e2e.unmatched")) == 3

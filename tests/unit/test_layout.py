@@ -24,6 +24,12 @@ def test_every_character_but_a_few_is_escaped_so_a_name_is_one_safe_path_compone
 def test_a_null_is_spark_s_null_partition_and_unrepresentable_values_are_refused() -> None:
     assert directory_name("_source_modified_at", None) == f"_source_modified_at={NULL}"
     assert directory_name("_source_file", "file:///src/é.json") is None  # the JVM may decode names otherwise
+    # Where Python and the JVM both name files in UTF-8, non-ASCII stays as it is, and counts in bytes.
+    assert (
+        directory_name("_source_file", "file:///src/é.json", utf8_names=True)
+        == "_source_file=file%3A%2F%2F%2Fsrc%2Fé.json"
+    )
+    assert directory_name("_source_file", "s3://b/" + "é" * 115, utf8_names=True) is None  # 255 characters, 370 bytes
     assert directory_name("_source_file", "s3://b/" + "k" * 230) is None  # over 255 bytes
     assert directory_name("_source_file", "s3://b/" + "k" * 200) is not None
 
