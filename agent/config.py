@@ -33,12 +33,6 @@ class AgentSettings(BaseSettings):
     # Spark: a Spark Connect URL (sc://host:15002) or a master URL; local by default.
     spark_remote: str = ""
     spark_master: str = "local[*]"
-    # Iceberg: the warehouse (default: state_dir/warehouse) and pyiceberg catalog properties
-    # (AUTOLOADER_CATALOG_URI, AUTOLOADER_CATALOG_TYPE=rest, ...). Without a catalog uri the
-    # catalog is a SqlCatalog in the control plane's database (DATABASE_URL, else the embedded one).
-    warehouse: str = ""
-    database_url: SecretStr | None = None
-    catalog_name: str = "autoloader"
     # Source credentials by name, as on the control plane (credentials_ref -> fsspec options).
     credentials: dict[str, dict[str, str]] = Field(default_factory=dict, repr=False)
     # Per lease: 0 takes the ingestion's limits.
@@ -55,16 +49,3 @@ class AgentSettings(BaseSettings):
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
     log_level: str = "INFO"
-
-    def catalog_properties(self) -> dict[str, str]:
-        """AUTOLOADER_CATALOG_<KEY>=value -> {key: value} (pyiceberg property names, lower case)."""
-        prefix = "AUTOLOADER_CATALOG_"
-        reserved = {"AUTOLOADER_CATALOG_NAME"}
-        return {
-            key[len(prefix) :].lower().replace("__", "."): value
-            for key, value in os.environ.items()
-            if key.startswith(prefix) and key not in reserved
-        }
-
-    def warehouse_uri(self) -> str:
-        return self.warehouse or (self.state_dir / "warehouse").resolve().as_uri()

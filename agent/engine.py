@@ -1,4 +1,4 @@
-"""The long-lived Spark session and the Iceberg catalog an agent works with."""
+"""The long-lived Spark session an agent works with."""
 
 from __future__ import annotations
 
@@ -49,29 +49,3 @@ def spark_session(settings: AgentSettings) -> Any:
     # Failures reach our log as the errors of the files they belong to.
     session.sparkContext.setLogLevel("OFF")
     return session
-
-
-def catalog(settings: AgentSettings, database_url: str | None = None) -> Any:
-    """AUTOLOADER_CATALOG_* properties if given, else a SqlCatalog in the control plane's database."""
-    from pyiceberg.catalog import load_catalog
-
-    properties = settings.catalog_properties()
-    properties.setdefault("warehouse", settings.warehouse_uri())
-    if "uri" not in properties and "type" not in properties:
-        url = database_url or (settings.database_url.get_secret_value() if settings.database_url else None)
-        if url is None:
-            from controlplane.adapters.embedded_postgres import EmbeddedPostgres
-
-            url = EmbeddedPostgres(settings.state_dir).start()
-        properties["type"] = "sql"
-        properties["uri"] = _psycopg3(url)
-    if properties.get("warehouse", "").startswith("file://"):
-        os.makedirs(properties["warehouse"].removeprefix("file://"), exist_ok=True)
-    return load_catalog(settings.catalog_name, **properties)
-
-
-def _psycopg3(url: str) -> str:
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url

@@ -10,9 +10,8 @@ from typing import Any
 import grpc
 
 from agent.config import AgentSettings
-from agent.engine import catalog, spark_session
+from agent.engine import spark_session
 from agent.protocol import LeaseClient
-from agent.sink import IcebergSink
 from agent.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -29,8 +28,9 @@ def control_plane_channel(address: str) -> grpc.Channel:
     ])  # fmt: skip
 
 
-def build_worker(settings: AgentSettings, *, database_url: str | None = None, stop: threading.Event | None = None,
+def build_worker(settings: AgentSettings, *, stop: threading.Event | None = None,
                  spark: Any = None) -> tuple[Worker, grpc.Channel]:  # fmt: skip
+    """An agent needs the control plane's address and access to storage: no database, no catalog."""
     stop = stop or threading.Event()
     # Spark first: its JVM is launched with a fork, best done before any gRPC channel exists.
     spark = spark if spark is not None else spark_session(settings)
@@ -45,7 +45,6 @@ def build_worker(settings: AgentSettings, *, database_url: str | None = None, st
     worker = Worker(
         client,
         spark,
-        IcebergSink(catalog(settings, database_url)),
         credentials=settings.credentials,
         max_files=settings.max_files,
         max_bytes=settings.max_bytes,
@@ -57,10 +56,10 @@ def build_worker(settings: AgentSettings, *, database_url: str | None = None, st
     return worker, channel
 
 
-def run(settings: AgentSettings, *, database_url: str | None = None) -> None:
+def run(settings: AgentSettings) -> None:
     """Runs until SIGTERM/SIGINT: stop leasing, let the batch finish within the grace period, else release it."""
     stop = threading.Event()
-    worker, channel = build_worker(settings, database_url=database_url, stop=stop)
+    worker, channel = build_worker(settings, stop=stop)
     thread = threading.Thread(target=worker.run, name="agent", daemon=True)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -77,4 +76,3 @@ def run(settings: AgentSettings, *, database_url: str | None = None) -> None:
         worker.abandon_current()
         thread.join(30)
     channel.close()
-    worker.sink.close()

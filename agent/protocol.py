@@ -3,7 +3,8 @@
 Retries use capped exponential backoff with full jitter, so a restarting control
 plane is not met by every agent at once; they stop as soon as the agent stops.
 Reports are safe to retry: the control plane answers an identical, already
-recorded result with the recorded answer.
+recorded result with the recorded answer, and a retry of a report whose data
+is being committed waits for that commit.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -45,6 +46,7 @@ class Batch:
     lease: lease_pb2.Lease
     files: list[lease_pb2.LeasedFile]
     ingestion: ingestion_pb2.Ingestion
+    target: lease_pb2.WriteTarget  # where to stage the data, and the table's columns
 
 
 class LeaseClient:
@@ -94,7 +96,7 @@ class LeaseClient:
         )
         if not reply.files:
             return None
-        return Batch(reply.lease, list(reply.files), reply.ingestion)
+        return Batch(reply.lease, list(reply.files), reply.ingestion, reply.target)
 
     def extend(self, lease: str, timeout: float = CALL_TIMEOUT) -> lease_pb2.Lease:
         """One attempt (the heartbeat retries on its own schedule).
@@ -106,12 +108,15 @@ class LeaseClient:
         return self._stub.ExtendLease(request, timeout=timeout, metadata=self._metadata, wait_for_ready=True).lease
 
     def report(
-        self, lease: str, results: list[lease_pb2.FileResult], schema_version: int = 0
+        self, lease: str, results: list[lease_pb2.FileResult], data_files: Sequence[lease_pb2.DataFile] = ()
     ) -> list[lease_pb2.ReportFileResultsResponse.Result]:
-        """Reports a batch's results; retried even while stopping, since the batch is committed."""
-        request = lease_pb2.ReportFileResultsRequest(
-            lease=lease, agent=self.agent, results=results, schema_version=schema_version
-        )
+        """Reports a batch's results with its staged data; retried even while stopping (the work is done).
+
+        The control plane answers once the data is committed; an answer that cannot
+        wait that long is UNAVAILABLE (COMMIT_IN_PROGRESS), and the retry gets it.
+        """
+        request = lease_pb2.ReportFileResultsRequest(lease=lease, agent=self.agent, results=results,
+                                                     data_files=data_files)  # fmt: skip
         reply = self._call(
             "report",
             lambda: self._stub.ReportFileResults(request, timeout=CALL_TIMEOUT, metadata=self._metadata),

@@ -75,13 +75,13 @@ def start_demo_run(client: Client, ingestion: pb.Ingestion) -> run_pb2.Run:
         return client.start_run(ingestion.name)
 
 
-def show_table(sink: Any, table_name: str, rows: int = 5) -> None:
+def show_table(tables: Any, table_name: str, rows: int = 5) -> None:
     """Prints the table's row count and a few rows, read back from Iceberg with pyiceberg."""
     from rich.table import Table
 
     from autoloader.cli.output import console, err_console
 
-    table = sink.table(table_name)
+    table = tables.load(table_name)
     if table is None:
         err_console.print(f"{table_name} has not been created (no rows were loaded)")
         return

@@ -25,16 +25,15 @@ class LocalAgent:
             self.worker.abandon_current()
             self.thread.join(30)
         self.channel.close()
-        self.worker.sink.close()
 
 
-def start_agent(address: str, database_url: str, state_dir: Path, **overrides: Any) -> LocalAgent:
-    """An agent (local Spark, SqlCatalog in the control plane's database) leasing from `address`."""
+def start_agent(address: str, state_dir: Path, **overrides: Any) -> LocalAgent:
+    """An agent (local Spark) leasing from `address`; the control plane commits what it stages."""
     from agent.config import AgentSettings
     from agent.main import build_worker
 
     settings = AgentSettings(address=address, state_dir=state_dir, **overrides)
-    worker, channel = build_worker(settings, database_url=database_url)
+    worker, channel = build_worker(settings)
     thread = threading.Thread(target=worker.run, name="agent", daemon=True)
     thread.start()
     return LocalAgent(worker, channel, thread, settings.shutdown_grace)

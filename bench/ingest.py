@@ -119,7 +119,7 @@ def main() -> None:
     agent = None
     results: dict[str, tuple[float, float, int, int]] = {}
     try:
-        agent = start_agent(plane.address, plane.database_url, work / "state", lease_wait=1.0)
+        agent = start_agent(plane.address, work / "state", lease_wait=1.0)
         spark = agent.worker._spark
         for label, files, rounds in (("warmup", warmup_files, 1), ("large", large_files, args.rounds),
                                      ("small", small_files, 1)):  # fmt: skip

@@ -33,6 +33,7 @@ from autoloader.v1 import (
 from controlplane.adapters import migrations
 from controlplane.adapters.database import make_engine, make_session_factory
 from controlplane.adapters.embedded_postgres import EmbeddedPostgres
+from controlplane.adapters.iceberg_tables import IcebergTables, is_conflict, open_catalog
 from controlplane.adapters.storage import ListingError, SourceLister
 from controlplane.adapters.unit_of_work import SqlAlchemyUnitOfWork
 from controlplane.api.errors import ErrorInterceptor
@@ -43,6 +44,7 @@ from controlplane.api.runs import FileServicer, RunServicer
 from controlplane.config import ControlPlaneSettings
 from controlplane.domain.errors import DatabaseUnavailable
 from controlplane.service.changes import ChangeFeed
+from controlplane.service.commits import CommitLoop, CommitService
 from controlplane.service.discovery import DiscoveryLoop, DiscoveryService
 from controlplane.service.files import FileService
 from controlplane.service.ingestions import IngestionService
@@ -83,6 +85,8 @@ class ControlPlane:
     health: HealthMonitor
     maintenance: MaintenanceLoop
     discovery: DiscoveryLoop
+    committer: CommitLoop
+    tables: IcebergTables
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
     # Where the data lives (the embedded server's URL when embedded); for agents on this machine.
@@ -106,7 +110,9 @@ class ControlPlane:
         # database connections before the pool is disposed.
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.discovery.stop()
+        self.committer.stop()
         self.maintenance.stop()
+        self.tables.close()
         self.engine.dispose()
         if self.embedded is not None:
             self.embedded.stop()
@@ -180,7 +186,18 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
         runs = RunService(uow_factory, run_changes, discovery_wakeup)
         files = FileService(uow_factory, run_changes)
-        leases = LeaseService(uow_factory, run_changes, ttl=settings.lease_ttl)
+        properties = settings.catalog_properties()
+        properties.setdefault("warehouse", settings.warehouse_uri())
+        try:
+            tables = IcebergTables(open_catalog(settings.catalog_name, properties, url))
+        except Exception as exc:
+            raise StartupError(f"cannot open the Iceberg catalog: {exc}") from exc
+        commits = CommitService(
+            uow_factory, tables, run_changes, stale_after=settings.commit_stale_after, is_conflict=is_conflict,
+            orphan_age=settings.orphan_age.total_seconds(), orphan_every=settings.orphan_sweep_interval,
+        )  # fmt: skip
+        committer = CommitLoop(commits, poll=settings.commit_poll)
+        leases = LeaseService(uow_factory, run_changes, ttl=settings.lease_ttl, commits=commits)
         discovery = DiscoveryLoop(
             DiscoveryService(
                 uow_factory,
@@ -216,13 +233,25 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         health.start()
         maintenance.start()
         discovery.start()
+        committer.start()
     except BaseException:
         engine.dispose()
         if embedded is not None:
             embedded.stop()
         raise
     plane = ControlPlane(
-        server, executor, port, engine, health, maintenance, discovery, embedded, settings, database_url=url
+        server,
+        executor,
+        port,
+        engine,
+        health,
+        maintenance,
+        discovery,
+        committer,
+        tables,
+        embedded,
+        settings,
+        database_url=url,
     )
     log.info("serving", extra={"action": "server.start", "address": plane.address})
     return plane

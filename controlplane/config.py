@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -32,8 +33,9 @@ class ControlPlaneSettings(BaseSettings):
     database_url: SecretStr | None = None
     state_dir: Path = Field(default_factory=default_state_dir)
     listen_address: str = "127.0.0.1:50051"
-    # Seconds in-flight RPCs get to finish on shutdown.
-    shutdown_grace: float = 10.0
+    # Seconds a process gets to finish its work on SIGTERM: the control plane's in-flight calls (a
+    # report waits for its commit), an agent's current batch. One meaning on every process.
+    shutdown_grace: float = 30.0
     # Seconds between database health probes.
     health_interval: float = 2.0
     db_pool_size: int = 10
@@ -58,5 +60,31 @@ class ControlPlaneSettings(BaseSettings):
     lease_ttl: Duration = timedelta(seconds=60)
     # Whether the agents' Spark can read Avro (spark-avro). Unset: whether this machine's pyspark has it.
     spark_avro: bool | None = None
+    # Iceberg: the warehouse (default: state_dir/warehouse) and pyiceberg catalog properties
+    # (AUTOLOADER_CATALOG_URI, AUTOLOADER_CATALOG_TYPE=rest, ...). Without them the catalog is a
+    # SqlCatalog in this control plane's database. Agents never open it.
+    warehouse: str = ""
+    catalog_name: str = "autoloader"
+    # A replica committing to a table that has been silent this long is taken over by another.
+    commit_stale_after: Duration = timedelta(seconds=10)
+    # Seconds between checks for commits to make (intents written on other replicas, silent owners).
+    commit_poll: float = 0.5
+    # Staged data older than this that no snapshot references is removed (its batch never committed).
+    orphan_age: Duration = timedelta(hours=6)
+    # Seconds between a table's sweeps for such staged data (after a commit to it).
+    orphan_sweep_interval: float = 3600.0
     log_format: str = "text"
     log_level: str = "INFO"
+
+    def catalog_properties(self) -> dict[str, str]:
+        """AUTOLOADER_CATALOG_<KEY>=value -> {key: value} (pyiceberg property names, lower case; __ is .)."""
+        prefix = "AUTOLOADER_CATALOG_"
+        reserved = {"AUTOLOADER_CATALOG_NAME"}
+        return {
+            key[len(prefix) :].lower().replace("__", "."): value
+            for key, value in os.environ.items()
+            if key.startswith(prefix) and key not in reserved
+        }
+
+    def warehouse_uri(self) -> str:
+        return self.warehouse or (self.state_dir / "warehouse").resolve().as_uri()

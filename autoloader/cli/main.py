@@ -71,7 +71,7 @@ def _run_control_plane(state_dir: Path | None, banner: bool, with_agent: bool = 
 
         try:
             with err_console.status("starting the agent (local Spark)..."):
-                agent = start_agent(plane.address, plane.database_url, settings.state_dir)
+                agent = start_agent(plane.address, settings.state_dir, shutdown_grace=settings.shutdown_grace)
         except BaseException:
             plane.stop()
             raise
@@ -164,7 +164,7 @@ def demo(
     agent = None
     try:
         with err_console.status("starting the agent (local Spark, Iceberg warehouse)..."):
-            agent = start_agent(plane.address, plane.database_url, settings.state_dir)
+            agent = start_agent(plane.address, settings.state_dir, shutdown_grace=settings.shutdown_grace)
         with Client(plane.address) as client:
             source = write_sample_files(settings.state_dir)
             ingestion, created = apply_demo(client, settings.state_dir)
@@ -175,7 +175,7 @@ def demo(
             try:
                 follow(client, run.name, Globals(plane.address, None, g.output))
             finally:
-                show_table(agent.worker.sink, ingestion.destination.table)
+                show_table(plane.tables, ingestion.destination.table)
     finally:
         if agent is not None:
             agent.stop()

@@ -28,13 +28,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utoloader/v1/lease.proto\x12\rautoloader.v1\x1a\x18\x61utoloader/v1/file.proto\x1a\x1d\x61utoloader/v1/ingestion.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ractive_leases\x18\x05 \x01(\x05\x12\x14\n\x0cleased_files\x18\x06 \x01(\x03\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.autoloader.v1.Agent\"\x8c\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\nLeasedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x31\n\rmodified_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0b\n\x03run\x18\x07 \x01(\t\"\x84\x01\n\x11LeaseFilesRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tmax_files\x18\x02 \x01(\x05\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tingestion\x18\x05 \x01(\t\"\x90\x01\n\x12LeaseFilesResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.autoloader.v1.LeasedFile\x12+\n\tingestion\x18\x03 \x01(\x0b\x32\x18.autoloader.v1.Ingestion\"2\n\x12\x45xtendLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\":\n\x13\x45xtendLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\"C\n\x0f\x46ileErrorDetail\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xb5\x02\n\x17ReportFileResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12?\n\x07outcome\x18\x05 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12-\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\"\x80\x01\n\x18ReportFileResultResponse\x12-\n\nfile_state\x18\x01 \x01(\x0e\x32\x19.autoloader.v1.File.State\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\nFileResult\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12?\n\x07outcome\x18\x03 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12-\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"|\n\x18ReportFileResultsRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.autoloader.v1.FileResult\x12\x16\n\x0eschema_version\x18\x04 \x01(\x03\"\xf0\x01\n\x19ReportFileResultsResponse\x12@\n\x07results\x18\x01 \x03(\x0b\x32/.autoloader.v1.ReportFileResultsResponse.Result\x1a\x90\x01\n\x06Result\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12-\n\nfile_state\x18\x02 \x01(\x0e\x32\x19.autoloader.v1.File.State\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlease_lost\x18\x04 \x01(\x08\"B\n\x13ReleaseLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\".\n\x14ReleaseLeaseResponse\x12\x16\n\x0e\x66iles_released\x18\x01 \x01(\x03\x32\xb0\x04\n\x0cLeaseService\x12Q\n\nLeaseFiles\x12 .autoloader.v1.LeaseFilesRequest\x1a!.autoloader.v1.LeaseFilesResponse\x12T\n\x0b\x45xtendLease\x12!.autoloader.v1.ExtendLeaseRequest\x1a\".autoloader.v1.ExtendLeaseResponse\x12\x63\n\x10ReportFileResult\x12&.autoloader.v1.ReportFileResultRequest\x1a\'.autoloader.v1.ReportFileResultResponse\x12\x66\n\x11ReportFileResults\x12\'.autoloader.v1.ReportFileResultsRequest\x1a(.autoloader.v1.ReportFileResultsResponse\x12W\n\x0cReleaseLease\x12\".autoloader.v1.ReleaseLeaseRequest\x1a#.autoloader.v1.ReleaseLeaseResponse\x12Q\n\nListAgents\x12 .autoloader.v1.ListAgentsRequest\x1a!.autoloader.v1.ListAgentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utoloader/v1/lease.proto\x12\rautoloader.v1\x1a\x18\x61utoloader/v1/file.proto\x1a\x1d\x61utoloader/v1/ingestion.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ractive_leases\x18\x05 \x01(\x05\x12\x14\n\x0cleased_files\x18\x06 \x01(\x03\"\x13\n\x11ListAgentsRequest\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.autoloader.v1.Agent\"\x8c\x01\n\x05Lease\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9b\x01\n\nLeasedFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x31\n\rmodified_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x0b\n\x03run\x18\x07 \x01(\t\"\x84\x01\n\x11LeaseFilesRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x11\n\tmax_files\x18\x02 \x01(\x05\x12\x11\n\tmax_bytes\x18\x03 \x01(\x03\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tingestion\x18\x05 \x01(\t\"\xbc\x01\n\x12LeaseFilesResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.autoloader.v1.LeasedFile\x12+\n\tingestion\x18\x03 \x01(\x0b\x32\x18.autoloader.v1.Ingestion\x12*\n\x06target\x18\x04 \x01(\x0b\x32\x1a.autoloader.v1.WriteTarget\"\xc0\x01\n\x0bWriteTarget\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0e\n\x06\x65xists\x18\x02 \x01(\x08\x12+\n\x07\x63olumns\x18\x03 \x03(\x0b\x32\x1a.autoloader.v1.TableColumn\x12\x16\n\x0eschema_version\x18\x04 \x01(\x03\x12\x33\n\x0cpartition_by\x18\x05 \x03(\x0b\x32\x1d.autoloader.v1.PartitionField\x12\x18\n\x10staging_location\x18\x06 \x01(\t\")\n\x0bTableColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\"B\n\x08\x44\x61taFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x14\n\x0crecord_count\x18\x02 \x01(\x03\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"2\n\x12\x45xtendLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\":\n\x13\x45xtendLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.autoloader.v1.Lease\"C\n\x0f\x46ileErrorDetail\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\xb5\x02\n\x17ReportFileResultRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12?\n\x07outcome\x18\x05 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x06 \x01(\x03\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\x12-\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"M\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\"\x80\x01\n\x18ReportFileResultResponse\x12-\n\nfile_state\x18\x01 \x01(\x0e\x32\x19.autoloader.v1.File.State\x12\x35\n\x11next_attempt_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\nFileResult\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12?\n\x07outcome\x18\x03 \x01(\x0e\x32..autoloader.v1.ReportFileResultRequest.Outcome\x12\x0f\n\x07records\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12-\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x1e.autoloader.v1.FileErrorDetail\"\xad\x01\n\x18ReportFileResultsRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.autoloader.v1.FileResult\x12\x1a\n\x0eschema_version\x18\x04 \x01(\x03\x42\x02\x18\x01\x12+\n\ndata_files\x18\x05 \x03(\x0b\x32\x17.autoloader.v1.DataFile\"\xf0\x01\n\x19ReportFileResultsResponse\x12@\n\x07results\x18\x01 \x03(\x0b\x32/.autoloader.v1.ReportFileResultsResponse.Result\x1a\x90\x01\n\x06Result\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12-\n\nfile_state\x18\x02 \x01(\x0e\x32\x19.autoloader.v1.File.State\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlease_lost\x18\x04 \x01(\x08\"B\n\x13ReleaseLeaseRequest\x12\r\n\x05lease\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05\x66iles\x18\x03 \x03(\t\".\n\x14ReleaseLeaseResponse\x12\x16\n\x0e\x66iles_released\x18\x01 \x01(\x03\x32\xb0\x04\n\x0cLeaseService\x12Q\n\nLeaseFiles\x12 .autoloader.v1.LeaseFilesRequest\x1a!.autoloader.v1.LeaseFilesResponse\x12T\n\x0b\x45xtendLease\x12!.autoloader.v1.ExtendLeaseRequest\x1a\".autoloader.v1.ExtendLeaseResponse\x12\x63\n\x10ReportFileResult\x12&.autoloader.v1.ReportFileResultRequest\x1a\'.autoloader.v1.ReportFileResultResponse\x12\x66\n\x11ReportFileResults\x12\'.autoloader.v1.ReportFileResultsRequest\x1a(.autoloader.v1.ReportFileResultsResponse\x12W\n\x0cReleaseLease\x12\".autoloader.v1.ReleaseLeaseRequest\x1a#.autoloader.v1.ReleaseLeaseResponse\x12Q\n\nListAgents\x12 .autoloader.v1.ListAgentsRequest\x1a!.autoloader.v1.ListAgentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autoloader.v1.lease_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REPORTFILERESULTSREQUEST'].fields_by_name['schema_version']._loaded_options = None
+  _globals['_REPORTFILERESULTSREQUEST'].fields_by_name['schema_version']._serialized_options = b'\030\001'
   _globals['_AGENT']._serialized_start=167
   _globals['_AGENT']._serialized_end=352
   _globals['_LISTAGENTSREQUEST']._serialized_start=354
@@ -48,31 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASEFILESREQUEST']._serialized_start=737
   _globals['_LEASEFILESREQUEST']._serialized_end=869
   _globals['_LEASEFILESRESPONSE']._serialized_start=872
-  _globals['_LEASEFILESRESPONSE']._serialized_end=1016
-  _globals['_EXTENDLEASEREQUEST']._serialized_start=1018
-  _globals['_EXTENDLEASEREQUEST']._serialized_end=1068
-  _globals['_EXTENDLEASERESPONSE']._serialized_start=1070
-  _globals['_EXTENDLEASERESPONSE']._serialized_end=1128
-  _globals['_FILEERRORDETAIL']._serialized_start=1130
-  _globals['_FILEERRORDETAIL']._serialized_end=1197
-  _globals['_REPORTFILERESULTREQUEST']._serialized_start=1200
-  _globals['_REPORTFILERESULTREQUEST']._serialized_end=1509
-  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_start=1432
-  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_end=1509
-  _globals['_REPORTFILERESULTRESPONSE']._serialized_start=1512
-  _globals['_REPORTFILERESULTRESPONSE']._serialized_end=1640
-  _globals['_FILERESULT']._serialized_start=1643
-  _globals['_FILERESULT']._serialized_end=1830
-  _globals['_REPORTFILERESULTSREQUEST']._serialized_start=1832
-  _globals['_REPORTFILERESULTSREQUEST']._serialized_end=1956
-  _globals['_REPORTFILERESULTSRESPONSE']._serialized_start=1959
-  _globals['_REPORTFILERESULTSRESPONSE']._serialized_end=2199
-  _globals['_REPORTFILERESULTSRESPONSE_RESULT']._serialized_start=2055
-  _globals['_REPORTFILERESULTSRESPONSE_RESULT']._serialized_end=2199
-  _globals['_RELEASELEASEREQUEST']._serialized_start=2201
-  _globals['_RELEASELEASEREQUEST']._serialized_end=2267
-  _globals['_RELEASELEASERESPONSE']._serialized_start=2269
-  _globals['_RELEASELEASERESPONSE']._serialized_end=2315
-  _globals['_LEASESERVICE']._serialized_start=2318
-  _globals['_LEASESERVICE']._serialized_end=2878
+  _globals['_LEASEFILESRESPONSE']._serialized_end=1060
+  _globals['_WRITETARGET']._serialized_start=1063
+  _globals['_WRITETARGET']._serialized_end=1255
+  _globals['_TABLECOLUMN']._serialized_start=1257
+  _globals['_TABLECOLUMN']._serialized_end=1298
+  _globals['_DATAFILE']._serialized_start=1300
+  _globals['_DATAFILE']._serialized_end=1366
+  _globals['_EXTENDLEASEREQUEST']._serialized_start=1368
+  _globals['_EXTENDLEASEREQUEST']._serialized_end=1418
+  _globals['_EXTENDLEASERESPONSE']._serialized_start=1420
+  _globals['_EXTENDLEASERESPONSE']._serialized_end=1478
+  _globals['_FILEERRORDETAIL']._serialized_start=1480
+  _globals['_FILEERRORDETAIL']._serialized_end=1547
+  _globals['_REPORTFILERESULTREQUEST']._serialized_start=1550
+  _globals['_REPORTFILERESULTREQUEST']._serialized_end=1859
+  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_start=1782
+  _globals['_REPORTFILERESULTREQUEST_OUTCOME']._serialized_end=1859
+  _globals['_REPORTFILERESULTRESPONSE']._serialized_start=1862
+  _globals['_REPORTFILERESULTRESPONSE']._serialized_end=1990
+  _globals['_FILERESULT']._serialized_start=1993
+  _globals['_FILERESULT']._serialized_end=2180
+  _globals['_REPORTFILERESULTSREQUEST']._serialized_start=2183
+  _globals['_REPORTFILERESULTSREQUEST']._serialized_end=2356
+  _globals['_REPORTFILERESULTSRESPONSE']._serialized_start=2359
+  _globals['_REPORTFILERESULTSRESPONSE']._serialized_end=2599
+  _globals['_REPORTFILERESULTSRESPONSE_RESULT']._serialized_start=2455
+  _globals['_REPORTFILERESULTSRESPONSE_RESULT']._serialized_end=2599
+  _globals['_RELEASELEASEREQUEST']._serialized_start=2601
+  _globals['_RELEASELEASEREQUEST']._serialized_end=2667
+  _globals['_RELEASELEASERESPONSE']._serialized_start=2669
+  _globals['_RELEASELEASERESPONSE']._serialized_end=2715
+  _globals['_LEASESERVICE']._serialized_start=2718
+  _globals['_LEASESERVICE']._serialized_end=3278
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
@@ -225,6 +230,7 @@ class LeaseFilesResponse(_message.Message):
     LEASE_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     INGESTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def lease(self) -> Global___Lease:
         """Unset when nothing was claimable."""
@@ -235,20 +241,129 @@ class LeaseFilesResponse(_message.Message):
     def ingestion(self) -> _ingestion_pb2.Ingestion:
         """Config snapshot of the files' ingestion."""
 
+    @_builtins.property
+    def target(self) -> Global___WriteTarget:
+        """Where and how to stage the batch's data; the control plane commits it."""
+
     def __init__(
         self,
         *,
         lease: Global___Lease | None = ...,
         files: _abc.Iterable[Global___LeasedFile] | None = ...,
         ingestion: _ingestion_pb2.Ingestion | None = ...,
+        target: Global___WriteTarget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ingestion", b"ingestion", "lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ingestion", b"ingestion", "lease", b"lease", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "ingestion", b"ingestion", "lease", b"lease"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "ingestion", b"ingestion", "lease", b"lease", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseFilesResponse: _TypeAlias = LeaseFilesResponse  # noqa: Y015
+
+@_typing.final
+class WriteTarget(_message.Message):
+    """What an agent needs to write a batch: it stages Parquet data files under
+    staging_location, aligned to the table's columns and grouped by its
+    partition spec, and names them in ReportFileResults. The control plane
+    commits them to the table; agents never open the catalog.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TABLE_FIELD_NUMBER: _builtins.int
+    EXISTS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    PARTITION_BY_FIELD_NUMBER: _builtins.int
+    STAGING_LOCATION_FIELD_NUMBER: _builtins.int
+    table: _builtins.str
+    """The Iceberg table, "namespace.table"."""
+    exists: _builtins.bool
+    """False until the first commit creates the table (with the batch's columns)."""
+    schema_version: _builtins.int
+    """The table's schema version (its Iceberg schema id + 1); 0 when it does not exist."""
+    staging_location: _builtins.str
+    """A URI unique to the lease: only data files under it are accepted."""
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableColumn]:
+        """The table's columns as Spark SQL types; empty when it does not exist."""
+
+    @_builtins.property
+    def partition_by(self) -> _containers.RepeatedCompositeFieldContainer[_ingestion_pb2.PartitionField]:
+        """The partition spec data files must be grouped by (one partition per file)."""
+
+    def __init__(
+        self,
+        *,
+        table: _builtins.str = ...,
+        exists: _builtins.bool = ...,
+        columns: _abc.Iterable[Global___TableColumn] | None = ...,
+        schema_version: _builtins.int = ...,
+        partition_by: _abc.Iterable[_ingestion_pb2.PartitionField] | None = ...,
+        staging_location: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "exists", b"exists", "partition_by", b"partition_by", "schema_version", b"schema_version", "staging_location", b"staging_location", "table", b"table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteTarget: _TypeAlias = WriteTarget  # noqa: Y015
+
+@_typing.final
+class TableColumn(_message.Message):
+    """One column of a table."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    """A Spark SQL type, such as "bigint" or "struct<a:int>"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TableColumn: _TypeAlias = TableColumn  # noqa: Y015
+
+@_typing.final
+class DataFile(_message.Message):
+    """A Parquet data file staged by an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Required. A URI under the lease's staging_location."""
+    record_count: _builtins.int
+    """Rows in the file."""
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        record_count: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "record_count", b"record_count", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataFile: _TypeAlias = DataFile  # noqa: Y015
 
 @_typing.final
 class ExtendLeaseRequest(_message.Message):
@@ -468,18 +583,37 @@ class ReportFileResultsRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    DATA_FILES_FIELD_NUMBER: _builtins.int
     lease: _builtins.str
     """Required."""
     agent: _builtins.str
     """Required."""
-    schema_version: _builtins.int
-    """Optional. The table's schema version after the batch's commit (its
-    Iceberg schema id + 1); the ingestion's schema_version follows it and
-    never goes back.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def schema_version(self) -> _builtins.int:
+        """Deprecated and ignored: the control plane commits the data and knows
+        the table's schema version.
+        """
+
+    @schema_version.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def schema_version(self, value: _builtins.int) -> None:
+        """Deprecated and ignored: the control plane commits the data and knows
+        the table's schema version.
+        """
+
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileResult]:
         """Required. 1 to 10,000 results, each file at most once."""
+
+    @_builtins.property
+    def data_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___DataFile]:
+        """The staged rows of the successful files. The control plane commits them
+        with the results, only while the lease still holds every successful file
+        with its attempt: the table's rows of those files are replaced by these
+        (none: the files are now empty). Otherwise each success is answered
+        lease_lost and the data files are removed.
+        """
 
     def __init__(
         self,
@@ -488,10 +622,11 @@ class ReportFileResultsRequest(_message.Message):
         agent: _builtins.str = ...,
         results: _abc.Iterable[Global___FileResult] | None = ...,
         schema_version: _builtins.int = ...,
+        data_files: _abc.Iterable[Global___DataFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "lease", b"lease", "results", b"results", "schema_version", b"schema_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "data_files", b"data_files", "lease", b"lease", "results", b"results", "schema_version", b"schema_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

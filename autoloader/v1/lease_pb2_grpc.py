@@ -86,17 +86,18 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportFileResult(self, request, context):
-        """Records one file's result, committed before the reply.
+        """Records one file's result, committed before the reply. A success carries
+        no data: the file's rows, if the table has any, are removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReportFileResults(self, request, context):
-        """Records several files' results of one lease in one transaction, committed
-        before the reply. Each result is fenced on its own: a file the lease no
-        longer holds changes nothing and is answered with lease_lost, while the
-        others are recorded. Agents report a committed batch with one call.
+        """Records several files' results of one lease, with the staged data of the
+        successful ones, committed to the table and recorded together before the
+        reply. Failures are fenced one by one; the data only while the lease holds
+        every successful file. An identical retry gets the recorded answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,12 +38,14 @@ class LeaseServiceStub:
     ExtendLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ExtendLeaseRequest, _lease_pb2.ExtendLeaseResponse]
     """Extends a lease; LEASE_LOST once it expired and was taken over."""
     ReportFileResult: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultRequest, _lease_pb2.ReportFileResultResponse]
-    """Records one file's result, committed before the reply."""
+    """Records one file's result, committed before the reply. A success carries
+    no data: the file's rows, if the table has any, are removed.
+    """
     ReportFileResults: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultsRequest, _lease_pb2.ReportFileResultsResponse]
-    """Records several files' results of one lease in one transaction, committed
-    before the reply. Each result is fenced on its own: a file the lease no
-    longer holds changes nothing and is answered with lease_lost, while the
-    others are recorded. Agents report a committed batch with one call.
+    """Records several files' results of one lease, with the staged data of the
+    successful ones, committed to the table and recorded together before the
+    reply. Failures are fenced one by one; the data only while the lease holds
+    every successful file. An identical retry gets the recorded answer.
     """
     ReleaseLease: _grpc.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]
     """Returns unprocessed files without spending an attempt."""
@@ -60,12 +62,14 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     ExtendLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.ExtendLeaseRequest, _lease_pb2.ExtendLeaseResponse]  # type: ignore[assignment]
     """Extends a lease; LEASE_LOST once it expired and was taken over."""
     ReportFileResult: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultRequest, _lease_pb2.ReportFileResultResponse]  # type: ignore[assignment]
-    """Records one file's result, committed before the reply."""
+    """Records one file's result, committed before the reply. A success carries
+    no data: the file's rows, if the table has any, are removed.
+    """
     ReportFileResults: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReportFileResultsRequest, _lease_pb2.ReportFileResultsResponse]  # type: ignore[assignment]
-    """Records several files' results of one lease in one transaction, committed
-    before the reply. Each result is fenced on its own: a file the lease no
-    longer holds changes nothing and is answered with lease_lost, while the
-    others are recorded. Agents report a committed batch with one call.
+    """Records several files' results of one lease, with the staged data of the
+    successful ones, committed to the table and recorded together before the
+    reply. Failures are fenced one by one; the data only while the lease holds
+    every successful file. An identical retry gets the recorded answer.
     """
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
     """Returns unprocessed files without spending an attempt."""
@@ -97,7 +101,9 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.ReportFileResultRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ReportFileResultResponse, _abc.Awaitable[_lease_pb2.ReportFileResultResponse]]:
-        """Records one file's result, committed before the reply."""
+        """Records one file's result, committed before the reply. A success carries
+        no data: the file's rows, if the table has any, are removed.
+        """
 
     @_abc_1.abstractmethod
     def ReportFileResults(
@@ -105,10 +111,10 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _lease_pb2.ReportFileResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lease_pb2.ReportFileResultsResponse, _abc.Awaitable[_lease_pb2.ReportFileResultsResponse]]:
-        """Records several files' results of one lease in one transaction, committed
-        before the reply. Each result is fenced on its own: a file the lease no
-        longer holds changes nothing and is answered with lease_lost, while the
-        others are recorded. Agents report a committed batch with one call.
+        """Records several files' results of one lease, with the staged data of the
+        successful ones, committed to the table and recorded together before the
+        reply. Failures are fenced one by one; the data only while the lease holds
+        every successful file. An identical retry gets the recorded answer.
         """
 
     @_abc_1.abstractmethod

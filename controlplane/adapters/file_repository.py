@@ -74,6 +74,8 @@ _UPSERT = text(
                    AS is_changed
         FROM files f JOIN listed l ON f.path = l.path
         WHERE f.ingestion_pk = :ingestion
+          -- a file whose data is being committed is seen as changed by the next discovery
+          AND f.commit_pk IS NULL
           AND ((f.size_bytes, f.modified_time, f.etag) IS DISTINCT FROM (l.size_bytes, l.modified_time, l.etag)
                OR (f.state = 'SKIPPED' AND f.run_pk IS DISTINCT FROM :run))
         FOR UPDATE OF f

@@ -22,7 +22,8 @@ from controlplane.domain.runs import FileState
 _CLAIMABLE = """
     (f.state = 'PENDING'
      OR (f.state = 'FAILED' AND f.next_attempt_at <= now())
-     OR (f.state = 'LEASED' AND f.lease_expire_time < now()))
+     -- a file whose data is being committed (commit_pk) belongs to its committer
+     OR (f.state = 'LEASED' AND f.lease_expire_time < now() AND f.commit_pk IS NULL))
 """
 _ACTIVE_RUN = "JOIN runs r ON r.id = f.run_pk AND r.state IN ('DISCOVERING', 'RUNNING')"
 
@@ -84,7 +85,7 @@ _QUARANTINE_KILLERS = text(
         last_error = 'lease expired ' || (f.lease_expiries + 1) || ' times: the file may crash its agents',
         lease_pk = NULL, lease_expire_time = NULL, update_time = now()
     WHERE f.ingestion_pk = :ingestion AND f.state = 'LEASED' AND f.lease_expire_time < now()
-      AND f.lease_expiries + 1 >= :max_expiries
+      AND f.commit_pk IS NULL AND f.lease_expiries + 1 >= :max_expiries
     RETURNING f.id, f.attempts, f.run_pk, f.lease_pk
     """
 )
@@ -109,13 +110,15 @@ _RECORD_RESULTS = text(
     ),
     u AS (
         UPDATE files f SET
-            state = r.state, lease_pk = NULL, lease_expire_time = NULL, update_time = now(),
+            state = r.state, lease_pk = NULL, lease_expire_time = NULL, commit_pk = NULL, update_time = now(),
             last_error = CASE WHEN r.error_message <> '' THEN r.error_type || ': ' || r.error_message ELSE '' END,
             records = CASE WHEN r.state = 'SUCCEEDED' THEN r.records ELSE f.records END,
             next_attempt_at = COALESCE(r.next_at, f.next_attempt_at)
         FROM r, l
         WHERE f.id = r.file_id AND f.lease_pk = l.id AND l.agent_id = :agent
           AND f.attempts = r.attempt AND f.state = 'LEASED'
+          -- results of files in a commit come from its committer (:commit), never from an agent
+          AND f.commit_pk IS NOT DISTINCT FROM CAST(:commit AS uuid)
         RETURNING f.id, f.run_pk,
             -- in the statement's snapshot: is any file of the run still open, besides this call's files?
             EXISTS (SELECT 1 FROM files o WHERE o.run_pk = f.run_pk AND o.state IN ('PENDING', 'LEASED', 'FAILED')
@@ -200,7 +203,7 @@ class SqlLeaseRepository:
             insert(LeaseRow)
             .values(
                 id=lease_id, agent_id=agent_id, ingestion_pk=ingestion_pk, state="ACTIVE",
-                expire_time=func.now() + ttl,
+                expire_time=func.now() + ttl, file_count=len(rows),
             )
             .returning(LeaseRow.expire_time, LeaseRow.create_time)
         ).one()  # fmt: skip
@@ -269,7 +272,7 @@ class SqlLeaseRepository:
         ).scalar_one()
 
     def record_results(
-        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult]
+        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult], commit: uuid.UUID | None = None
     ) -> RecordedResults | None:
         """The fenced updates and their attempt rows, in one statement.
 
@@ -280,7 +283,7 @@ class SqlLeaseRepository:
         rows = self._session.execute(
             _RECORD_RESULTS,
             {
-                "lease": lease_id, "agent": agent_id,
+                "lease": lease_id, "agent": agent_id, "commit": commit,
                 "file_ids": [r.file_id for r in results], "attempts": [r.attempt for r in results],
                 "states": [r.state.value for r in results], "records": [r.records for r in results],
                 "sizes": [r.size for r in results], "error_types": [r.error_type for r in results],
@@ -307,6 +310,7 @@ class SqlLeaseRepository:
         rows = self._session.execute(
             select(
                 FileAttemptRow.file_pk, FileAttemptRow.attempt, FileAttemptRow.outcome, FileAttemptRow.retryable,
+                FileAttemptRow.error_type,
                 case(
                     (and_(FileRow.state == FileState.FAILED, FileRow.attempts == FileAttemptRow.attempt),
                      FileRow.next_attempt_at),
@@ -324,7 +328,9 @@ class SqlLeaseRepository:
 
     def release(self, lease: Lease, file_ids: list[int]) -> list[uuid.UUID]:
         """Unreported files back to PENDING, their attempt refunded; returns their runs."""
-        query = update(FileRow).where(FileRow.lease_pk == lease.id, FileRow.state == FileState.LEASED)
+        query = update(FileRow).where(
+            FileRow.lease_pk == lease.id, FileRow.state == FileState.LEASED, FileRow.commit_pk.is_(None)
+        )
         if file_ids:
             query = query.where(FileRow.id.in_(file_ids))
         rows = self._session.execute(

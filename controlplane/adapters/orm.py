@@ -129,10 +129,15 @@ class FileRow(Base):
     etag: Mapped[str] = mapped_column(Text, server_default="")
     state: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Leases of this file that expired (its agent died): each makes its next batch smaller.
     lease_expiries: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Of those, the ones where it was leased alone: only these can blame the file.
+    solo_expiries: Mapped[int] = mapped_column(Integer, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     lease_pk: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     lease_expire_time: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Set while the file's staged data is being committed (in doubt): no one may claim it.
+    commit_pk: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("commits.id", ondelete="SET NULL"))
     last_error: Mapped[str] = mapped_column(Text, server_default="")
     records: Mapped[int] = mapped_column(BigInteger, server_default="0")
     discover_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
@@ -180,6 +185,47 @@ class LeaseRow(Base):
     state: Mapped[str] = mapped_column(Text)
     create_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     expire_time: Mapped[datetime] = mapped_column(Timestamp)
+    # Files the lease was claimed with: an expiry of a one-file lease blames that file.
+    file_count: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class CommitRow(Base):
+    """A batch's staged data on its way into the table: the intent, then its outcome.
+
+    Written (PENDING) in the transaction that accepts the data, with the files
+    marked by commit_pk; settled (COMMITTED or ABORTED) in the transaction that
+    records the files' results. The Iceberg snapshot names the commit, so one
+    left PENDING by a crash is settled by whoever owns the table next.
+    """
+
+    __tablename__ = "commits"
+    __table_args__ = (
+        Index("ix_commits_pending", "table_name", "create_time", postgresql_where=text("state = 'PENDING'")),
+    )
+    __mapper_args__: dict[str, Any] = {"eager_defaults": True}
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    ingestion_pk: Mapped[uuid.UUID] = mapped_column(ForeignKey("ingestions.id", ondelete="CASCADE"))
+    lease_pk: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    table_name: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text)
+    # [{"file": id, "attempt": n, "records": n, "bytes": n}] of the successful files.
+    results: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
+    # [{"path": uri, "record_count": n, "size_bytes": n}], under the lease's staging location.
+    data_files: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
+    error: Mapped[str] = mapped_column(Text, server_default="")
+    create_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    end_time: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class TableCommitterRow(Base):
+    """Which control-plane replica commits to a table: one at a time, taken over when silent."""
+
+    __tablename__ = "table_committers"
+
+    table_name: Mapped[str] = mapped_column(Text, primary_key=True)
+    owner: Mapped[str] = mapped_column(Text)
+    heartbeat_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
 
 
 class IdempotencyRow(Base):

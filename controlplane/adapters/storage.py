@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from autoloader.storage_options import MissingCredentials, fsspec_protocol, storage_options
 from controlplane.domain.ingestion import Source
 from controlplane.domain.runs import ListedFile
 
@@ -231,15 +232,16 @@ class SourceLister:
     def _list_dir_for(self, scheme: str, source: Source) -> ListDir:
         if scheme == "file":
             return _local_list_dir
-        options: dict[str, Any] = dict(source.options)
-        if source.credentials_ref:
-            if source.credentials_ref not in self._credentials:
-                raise ListingError(f"credentials {source.credentials_ref!r} are not configured on the control plane")
-            options.update(self._credentials[source.credentials_ref])
+        try:
+            options = storage_options(source.options, self._credentials, source.credentials_ref)
+        except MissingCredentials:
+            raise ListingError(
+                f"credentials {source.credentials_ref!r} are not configured on the control plane"
+            ) from None
         try:
             import fsspec
 
-            fs = fsspec.filesystem({"gcs": "gs"}.get(scheme, scheme), skip_instance_cache=True, **options)
+            fs = fsspec.filesystem(fsspec_protocol(scheme), skip_instance_cache=True, **options)
         except ImportError as exc:
             raise ListingError(f"{scheme}:// needs an extra package: {exc.name} (pip install {exc.name})") from None
         except (TypeError, ValueError) as exc:

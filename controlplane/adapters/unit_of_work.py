@@ -13,6 +13,7 @@ from typing import Self
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from controlplane.adapters.commit_repository import SqlCommitRepository
 from controlplane.adapters.file_repository import SqlFileRepository
 from controlplane.adapters.lease_repository import SqlLeaseRepository
 from controlplane.adapters.repositories import SqlIdempotencyRepository, SqlIngestionRepository
@@ -26,6 +27,7 @@ class SqlAlchemyUnitOfWork:
     runs: SqlRunRepository
     files: SqlFileRepository
     leases: SqlLeaseRepository
+    commits: SqlCommitRepository
 
     def __init__(self, session_factory: sessionmaker[Session]) -> None:
         self._session_factory = session_factory
@@ -38,6 +40,7 @@ class SqlAlchemyUnitOfWork:
         self.runs = SqlRunRepository(self._session)
         self.files = SqlFileRepository(self._session)
         self.leases = SqlLeaseRepository(self._session)
+        self.commits = SqlCommitRepository(self._session)
         return self
 
     def __exit__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from datetime import timedelta
 
@@ -11,10 +12,11 @@ import grpc
 from autoloader.v1 import file_pb2, lease_pb2, lease_pb2_grpc
 from controlplane.api.context import tenant_of
 from controlplane.api.convert import ingestion_to_proto
+from controlplane.domain.commits import StagedFile, TableInfo
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.leases import Lease
 from controlplane.domain.names import parse_file_name, parse_ingestion_name
-from controlplane.service.leases import FileOutcome, FileReport, LeaseService
+from controlplane.service.leases import Claim, FileOutcome, FileReport, LeaseService
 
 _AGENT = re.compile(r"agents/([A-Za-z0-9._:@-]{1,128})")
 
@@ -59,6 +61,31 @@ def _file_report(result: lease_pb2.ReportFileResultRequest | lease_pb2.FileResul
     return FileReport(file_id, result.attempt, outcome)
 
 
+def _data_file(data_file: lease_pb2.DataFile, where: str) -> StagedFile:
+    if not data_file.path:
+        raise InvalidArgument.field(where + "path", "is required")
+    return StagedFile(data_file.path, data_file.record_count, data_file.size_bytes)
+
+
+def _answer_by(context: grpc.ServicerContext) -> float | None:
+    """When a waiting call must answer (monotonic): half a second before the client's deadline, if it set one."""
+    remaining = context.time_remaining()  # huge when the client set no deadline
+    if remaining is None or remaining >= 3600:
+        return None
+    return time.monotonic() + max(remaining - 0.5, 0.0)
+
+
+def _target_to_proto(target: TableInfo, claim: Claim) -> lease_pb2.WriteTarget:
+    message = lease_pb2.WriteTarget(
+        table=target.name, exists=target.exists, schema_version=target.schema_version,
+        staging_location=target.staging_location(str(claim.lease.id)),
+        columns=[lease_pb2.TableColumn(name=name, type=type_) for name, type_ in target.columns],
+    )  # fmt: skip
+    for field in claim.ingestion.spec.destination.partition_by:
+        message.partition_by.add(column=field.column, transform=field.transform or "identity")
+    return message
+
+
 class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     def __init__(self, service: LeaseService) -> None:
         self._service = service
@@ -94,9 +121,12 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
             if f.modified_time is not None:
                 leased.modified_time.FromDatetime(f.modified_time)
             files.append(leased)
-        return lease_pb2.LeaseFilesResponse(
+        reply = lease_pb2.LeaseFilesResponse(
             lease=_lease_to_proto(claim.lease), files=files, ingestion=ingestion_to_proto(claim.ingestion)
         )
+        if claim.target is not None:
+            reply.target.CopyFrom(_target_to_proto(claim.target, claim))
+        return reply
 
     def ExtendLease(
         self, request: lease_pb2.ExtendLeaseRequest, context: grpc.ServicerContext
@@ -110,7 +140,13 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         agent, lease_id = _agent(request.agent), _lease_id(request.lease)
         report = _file_report(request, "")
         state, next_at = self._service.report(
-            tenant_of(context), agent, lease_id, report.file_id, report.attempt, report.outcome
+            tenant_of(context),
+            agent,
+            lease_id,
+            report.file_id,
+            report.attempt,
+            report.outcome,
+            until=_answer_by(context),
         )
         reply = lease_pb2.ReportFileResultResponse(file_state=file_pb2.File.State.Value("STATE_" + state.value))
         if next_at is not None:
@@ -122,8 +158,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     ) -> lease_pb2.ReportFileResultsResponse:
         agent, lease_id = _agent(request.agent), _lease_id(request.lease)
         reports = [_file_report(result, f"results[{i}].") for i, result in enumerate(request.results)]
+        data_files = [_data_file(d, f"data_files[{i}].") for i, d in enumerate(request.data_files)]
         answers = self._service.report_many(
-            tenant_of(context), agent, lease_id, reports, schema_version=request.schema_version
+            tenant_of(context), agent, lease_id, reports, data_files, until=_answer_by(context)
         )
         reply = lease_pb2.ReportFileResultsResponse()
         for answer in answers:

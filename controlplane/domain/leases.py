@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from controlplane.domain.errors import FailedPrecondition, PermissionDenied
+from controlplane.domain.ingestion import ErrorPolicy
 from controlplane.domain.runs import FileState
 
 # A file whose leases keep expiring (it kills its agents) is quarantined after this many.
@@ -95,3 +96,26 @@ def retry_delay(attempt: int, initial: timedelta, maximum: timedelta, rng: rando
 
 def state_after_failure(attempt: int, max_attempts: int, retryable: bool) -> FileState:
     return FileState.FAILED if retryable and attempt < max_attempts else FileState.QUARANTINED
+
+
+def failure_result(
+    file_id: int,
+    attempt: int,
+    max_attempts: int,
+    policy: ErrorPolicy,
+    error_type: str,
+    error_message: str,
+    *,
+    retryable: bool,
+    records: int = 0,
+    size: int = 0,
+) -> ReportedResult:
+    """A failed attempt's result: FAILED with its retry time (backoff with jitter), or QUARANTINED."""
+    state = state_after_failure(attempt, max_attempts, retryable)
+    next_at = None
+    if state is FileState.FAILED:
+        next_at = datetime.now(UTC) + retry_delay(attempt, policy.retry_backoff_initial, policy.retry_backoff_max)
+    return ReportedResult(
+        file_id, attempt, state, records=records, size=size, error_type=error_type, error_message=error_message,
+        retryable=retryable, next_attempt_at=next_at,
+    )  # fmt: skip

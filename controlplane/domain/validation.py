@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from croniter import croniter
 
+from autoloader.columns import METADATA_COLUMN_NAMES, RESCUED
+from autoloader.partitioning import TRANSFORM as PARTITION_TRANSFORM
 from controlplane.domain.errors import FieldViolation, InvalidArgument
 from controlplane.domain.ingestion import (
     Compression,
@@ -30,11 +32,10 @@ COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 OPTION_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 CREDENTIALS_REF = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
-PARTITION_TRANSFORM = re.compile(r"^(identity|year|month|day|hour|bucket\[(\d{1,7})\]|truncate\[(\d{1,7})\])$")
 
 SOURCE_SCHEMES = frozenset({"file", "s3", "gs", "gcs", "abfs", "abfss"})
 # Columns the agent adds to every row; a user column may not take these names.
-RESERVED_COLUMNS = frozenset({"_source_file", "_source_modified_at", "_ingested_at", "_run", "_rescued_data"})
+RESERVED_COLUMNS = frozenset({*METADATA_COLUMN_NAMES, RESCUED})
 TEXT_FORMATS = frozenset({FormatType.JSON, FormatType.CSV, FormatType.TEXT})
 PRIMITIVE_TYPES = frozenset(
     {

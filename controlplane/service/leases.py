@@ -10,12 +10,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from controlplane.domain.errors import InvalidArgument, NotFound
+from autoloader.faults import crash_point
+from controlplane.domain.commits import CommitInProgress, CommitIntent, CommittedFile, StagedFile, TableInfo
+from controlplane.domain.errors import InvalidArgument, NotFound, Unavailable
 from controlplane.domain.ingestion import ErrorMode, Ingestion
 from controlplane.domain.leases import (
     MAX_LEASE_EXPIRIES,
@@ -25,17 +27,20 @@ from controlplane.domain.leases import (
     LeaseNotOwned,
     RecordedResults,
     ReportedResult,
-    retry_delay,
+    failure_result,
     state_after_failure,
 )
 from controlplane.domain.runs import FileState
 from controlplane.service.changes import ChangeFeed
+from controlplane.service.commits import COMMIT_FAILED, CommitService
 from controlplane.service.ports import UnitOfWork
 
 log = logging.getLogger(__name__)
 
 MAX_FILES_PER_CALL = 10_000
 MAX_WAIT = timedelta(seconds=60)
+# How long a report waits for its data's commit when the caller set no deadline (seconds).
+DEFAULT_REPORT_WAIT = 25.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Claim:
     lease: Lease
     files: list[LeasedFile]
     ingestion: Ingestion
+    target: TableInfo | None = None  # where the agent stages the data (None without a committer)
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,15 @@ class LeaseService:
         *,
         ttl: timedelta = timedelta(seconds=60),
         poll: float = 1.0,
+        commits: CommitService | None = None,
     ) -> None:
         self._uow_factory = uow_factory
         self._changes = changes
         self._ttl = ttl
         self._poll = poll
+        # None: results are recorded as reported, and nothing is committed (tests of leasing alone).
+        self._commits = commits
+        self._table_names: dict[uuid.UUID, str] = {}  # ingestion -> its table (fixed once created)
 
     def lease_files(
         self,
@@ -109,12 +119,30 @@ class LeaseService:
         while True:
             seen = self._changes.version
             claim = self._try_claim(tenant, agent_id, hostname, max_files, max_bytes, ingestion_id)
+            if claim is not None:
+                return self._with_target(tenant, claim)
             remaining = deadline - time.monotonic()
-            if claim is not None or remaining <= 0 or not still_wanted():
-                return claim
+            if remaining <= 0 or not still_wanted():
+                return None
             # Woken at once by work added on this replica; other replicas' work is found by the
             # jittered poll (spread so that many idle agents do not query in lockstep).
             self._changes.wait(seen, min(remaining, self._poll * random.uniform(0.5, 1.5)))  # noqa: S311
+
+    def _with_target(self, tenant: str, claim: Claim) -> Claim:
+        """The claim with its table's description, read after the claim's commit (the catalog is a network call).
+
+        If the catalog cannot be read the files go back at once, unspent, and the agent retries.
+        """
+        if self._commits is None:
+            return claim
+        table = claim.ingestion.spec.destination.table
+        self._table_names[claim.ingestion.id] = table
+        try:
+            target = self._commits.describe(table)
+        except Exception as error:
+            self.release(tenant, claim.lease.agent_id, claim.lease.id, [])
+            raise Unavailable(f"the catalog cannot be read ({type(error).__name__}); retry") from error
+        return Claim(claim.lease, claim.files, claim.ingestion, target)
 
     def _try_claim(
         self, tenant: str, agent_id: str, hostname: str, max_files: int, max_bytes: int, only: str | None
@@ -172,10 +200,12 @@ class LeaseService:
         return Lease(lease.id, lease.agent_id, lease.ingestion_pk, expire_time, self._ttl, lease.create_time)
 
     def report(
-        self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_id: int, attempt: int, outcome: FileOutcome
-    ) -> tuple[FileState, datetime | None]:
+        self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_id: int, attempt: int, outcome: FileOutcome,
+        *, until: float | None = None,
+    ) -> tuple[FileState, datetime | None]:  # fmt: skip
         """Records one file's result; LEASE_LOST if the lease no longer holds it with this attempt."""
-        (answer,) = self._record(agent_id, lease_id, [FileReport(file_id, attempt, outcome)], indexed=False)
+        (answer,) = self._record(agent_id, lease_id, [FileReport(file_id, attempt, outcome)], (), indexed=False,
+                                 until=until)  # fmt: skip
         if answer.state is None:
             raise LeaseLost(
                 f"{answer.file_name} is no longer held by leases/{lease_id} with attempt {attempt}",
@@ -184,58 +214,196 @@ class LeaseService:
         return answer.state, answer.next_attempt_at
 
     def report_many(
-        self, tenant: str, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], schema_version: int = 0
-    ) -> list[ReportAnswer]:
-        """Records results of one lease in one transaction, committed before returning.
+        self, tenant: str, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport],
+        data_files: Sequence[StagedFile] = (), *, until: float | None = None,
+    ) -> list[ReportAnswer]:  # fmt: skip
+        """Records results of one lease, with the staged data of the successful ones; returns once durable.
 
-        Each is fenced on its own (lease, attempt, state LEASED): a file the lease no
-        longer holds changes nothing and is answered lost, unless this exact result was
-        already recorded (a retried call), which gets the recorded answer.
+        Failures are fenced one by one (lease, attempt, state LEASED): a file the lease
+        no longer holds changes nothing and is answered lost, unless this exact result
+        was already recorded (a retried call), which gets the recorded answer. The
+        successes and their data are committed together (service/commits.py), only
+        while the lease holds every one of them.
         """
-        if schema_version < 0:
-            raise InvalidArgument.field("schema_version", "must not be negative")
-        return self._record(agent_id, lease_id, reports, indexed=True, schema_version=schema_version)
+        return self._record(agent_id, lease_id, reports, data_files, indexed=True, until=until)
 
     def _record(
-        self, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], *, indexed: bool, schema_version: int = 0
-    ) -> list[ReportAnswer]:
+        self, agent_id: str, lease_id: uuid.UUID, reports: list[FileReport], data_files: Sequence[StagedFile], *,
+        indexed: bool, until: float | None,
+    ) -> list[ReportAnswer]:  # fmt: skip
         self._check_reports(reports, indexed)
+        until = time.monotonic() + DEFAULT_REPORT_WAIT if until is None else until
+        successes = [r for r in reports if r.outcome.succeeded]
+        target = self._commit_target(agent_id, lease_id, data_files) if successes else None
+        committed = successes if target is not None else []
+        direct = [r for r in reports if not (r.outcome.succeeded and target is not None)]
+        answers: dict[int, ReportAnswer] = {}
+        waiting: set[uuid.UUID] = set()
+        fenced_data = False
         with self._uow_factory() as uow:
             ingestion = None
             if not all(r.outcome.succeeded for r in reports):
                 # Only failures need the ingestion's retry policy; successes cost one statement.
                 ingestion = self._ingestion_by_pk(uow, self._own_lease(uow, agent_id, lease_id).ingestion_pk)
-            rows = [self._result_row(ingestion, r) for r in reports]
-            recorded = uow.leases.record_results(lease_id, agent_id, rows)
-            if recorded is None:
-                raise NotFound(f"leases/{lease_id} does not exist", metadata={"lease": f"leases/{lease_id}"})
-            if recorded.agent_id != agent_id:
-                raise LeaseNotOwned(
-                    f"leases/{lease_id} belongs to agents/{recorded.agent_id}",
+            rows = [self._result_row(ingestion, r) for r in direct]
+            recorded = self._record_direct(uow, agent_id, lease_id, rows, direct, answers, ingestion)
+            if committed:
+                assert target is not None
+                lease = self._own_lease(uow, agent_id, lease_id)
+                waiting, fenced_data = self._accept(uow, lease, target, committed, data_files, answers)
+            if ingestion is not None and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN and recorded:
+                for row in rows:
+                    run_pk = recorded.runs.get(row.file_id)
+                    if row.state is FileState.QUARANTINED and run_pk is not None:
+                        uow.runs.fail(run_pk, f"file {row.file_id} was quarantined and the error policy is FAIL_RUN")
+            uow.commit()
+            if recorded is not None:
+                self._finalize_if_last(uow, rows, recorded)
+        if fenced_data:
+            log.warning("lease lost before its data was committed; %d staged files removed", len(data_files),
+                        extra={"action": "lease.fenced", "lease": f"leases/{lease_id}", "agent": agent_id})  # fmt: skip
+            assert self._commits is not None
+            self._commits.discard([d.path for d in data_files])
+        if waiting:
+            crash_point("plane_after_intent")
+            assert self._commits is not None
+            if not self._commits.wait(waiting, until):
+                raise CommitInProgress(
+                    f"the data of leases/{lease_id} is still being committed; retry to get the results",
                     metadata={"lease": f"leases/{lease_id}"},
                 )
-            answers = [
-                ReportAnswer(row.file_id, recorded.file_name(row.file_id), row.state, row.next_attempt_at)
-                if row.file_id in recorded.runs
-                else None
-                for row in rows
-            ]
-            replays = {r.file_id: r for r, a in zip(reports, answers, strict=True) if a is None}
-            if replays:
-                replayed = self._replayed(
-                    uow, lease_id, replays, recorded, ingestion or self._ingestion_by_pk(uow, recorded.ingestion_pk)
+            crash_point("plane_after_settle")
+        if committed:
+            with self._uow_factory() as uow:
+                answers.update(self._settled_answers(uow, lease_id, committed, answers))
+        return [answers[r.file_id] for r in reports]
+
+    def _commit_target(self, agent_id: str, lease_id: uuid.UUID, data_files: Sequence[StagedFile]) -> TableInfo | None:
+        """The table the successes' data goes to, or None when there is nothing to commit (no table, no data).
+
+        Read before the recording transaction: the catalog is a network call.
+        """
+        if self._commits is None:
+            return None
+        with self._uow_factory() as uow:
+            lease = self._own_lease(uow, agent_id, lease_id)
+            table_name = self._table_names.get(lease.ingestion_pk)
+            if table_name is None:
+                table_name = self._ingestion_by_pk(uow, lease.ingestion_pk).spec.destination.table
+                self._table_names[lease.ingestion_pk] = table_name  # fixed once the ingestion is created
+        target = self._commits.describe(table_name)
+        staging = target.staging_location(str(lease_id)) + "/"
+        for i, data_file in enumerate(data_files):
+            where = f"data_files[{i}].path"
+            if not data_file.path.startswith(staging) or "/../" in data_file.path or "/./" in data_file.path:
+                raise InvalidArgument.field(where, f"must be under the lease's staging location {staging}")
+            if data_file.record_count < 0 or data_file.size_bytes < 0:
+                raise InvalidArgument.field(f"data_files[{i}]", "record_count and size_bytes must not be negative")
+        if not data_files and not target.exists:
+            return None  # empty files and no table: their results are all there is
+        return target
+
+    def _record_direct(
+        self, uow: UnitOfWork, agent_id: str, lease_id: uuid.UUID, rows: list[ReportedResult],
+        reports: list[FileReport], answers: dict[int, ReportAnswer], ingestion: Ingestion | None,
+    ) -> RecordedResults | None:  # fmt: skip
+        """Results without data (failures; successes when there is no table), fenced one by one."""
+        if not rows:
+            return None
+        recorded = uow.leases.record_results(lease_id, agent_id, rows)
+        if recorded is None:
+            raise NotFound(f"leases/{lease_id} does not exist", metadata={"lease": f"leases/{lease_id}"})
+        if recorded.agent_id != agent_id:
+            raise LeaseNotOwned(
+                f"leases/{lease_id} belongs to agents/{recorded.agent_id}", metadata={"lease": f"leases/{lease_id}"}
+            )
+        replays = {}
+        for row, report in zip(rows, reports, strict=True):
+            if row.file_id in recorded.runs:
+                answers[row.file_id] = ReportAnswer(
+                    row.file_id, recorded.file_name(row.file_id), row.state, row.next_attempt_at
                 )
-                answers = [a or replayed[r.file_id] for r, a in zip(reports, answers, strict=True)]
-            if schema_version and recorded.runs:
-                uow.leases.advance_schema_version(recorded.ingestion_pk, schema_version)
-            fail_run = ingestion is not None and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN
-            for row in rows:
-                run_pk = recorded.runs.get(row.file_id)
-                if fail_run and row.state is FileState.QUARANTINED and run_pk is not None:
-                    uow.runs.fail(run_pk, f"file {row.file_id} was quarantined and the error policy is FAIL_RUN")
-            uow.commit()
-            self._finalize_if_last(uow, rows, recorded)
-        return [a for a in answers if a is not None]
+            else:
+                replays[row.file_id] = report
+        if replays:
+            policy = ingestion or self._ingestion_by_pk(uow, recorded.ingestion_pk)
+            answers.update(self._replayed(uow, lease_id, replays, recorded.ingestion_id, policy))
+        return recorded
+
+    def _accept(
+        self, uow: UnitOfWork, lease: Lease, target: TableInfo, successes: list[FileReport],
+        data_files: Sequence[StagedFile], answers: dict[int, ReportAnswer],
+    ) -> tuple[set[uuid.UUID], bool]:  # fmt: skip
+        """The fence of the data: an intent if the lease holds every success; returns (intents to wait for, fenced).
+
+        A retried call finds its own intent (wait for it) or its recorded results.
+        """
+        files = uow.commits.lock_files([r.file_id for r in successes])
+        held = [
+            (f := files.get(r.file_id)) is not None and f.state == FileState.LEASED and f.lease_pk == lease.id
+            and f.attempts == r.attempt
+            for r in successes
+        ]  # fmt: skip
+        if all(held) and all(files[r.file_id].commit_pk is None for r in successes):
+            intent = CommitIntent(
+                id=uuid.uuid4(), ingestion_pk=lease.ingestion_pk, lease_id=lease.id, agent_id=lease.agent_id,
+                table_name=target.name,
+                files=tuple(
+                    CommittedFile(r.file_id, files[r.file_id].path, r.attempt, r.outcome.records, r.outcome.bytes)
+                    for r in successes
+                ),
+                data_files=tuple(data_files), create_time=datetime.now(UTC),
+            )  # fmt: skip
+            uow.commits.add(intent)
+            return {intent.id}, False
+        if all(held):
+            return {files[r.file_id].commit_pk for r in successes}, False  # this lease's intent, in progress
+        # Some success is no longer ours: none of the data may go in. The others go back unspent.
+        still_ours = [
+            r.file_id for r, h in zip(successes, held, strict=True) if h and files[r.file_id].commit_pk is None
+        ]
+        if still_ours:
+            uow.leases.release(lease, still_ours)
+        replayed = self._replayed_commits(uow, lease.id, successes)
+        fenced = not any(a.state is not None for a in replayed.values())
+        answers.update(replayed)
+        return set(), fenced
+
+    def _replayed_commits(
+        self, uow: UnitOfWork, lease_id: uuid.UUID, successes: list[FileReport]
+    ) -> dict[int, ReportAnswer]:
+        """Successes this lease already settled (a retried report) get their outcome; the others are lost."""
+        recorded = uow.leases.recorded_results(lease_id, {r.file_id: r.attempt for r in successes})
+        ingestion_id = self._ingestion_id_of(uow, lease_id)
+        answers = {}
+        for report in successes:
+            previous: Any = recorded.get(report.file_id)
+            name = f"ingestions/{ingestion_id}/files/{report.file_id}"
+            if previous is None:
+                answers[report.file_id] = ReportAnswer(report.file_id, name, None)
+            elif previous.outcome == "SUCCEEDED":
+                answers[report.file_id] = ReportAnswer(report.file_id, name, FileState.SUCCEEDED)
+            elif previous.error_type == COMMIT_FAILED:
+                state = FileState.FAILED if previous.next_attempt_at is not None else FileState.QUARANTINED
+                answers[report.file_id] = ReportAnswer(report.file_id, name, state, previous.next_attempt_at)
+            else:
+                answers[report.file_id] = ReportAnswer(report.file_id, name, None)
+        return answers
+
+    def _settled_answers(
+        self, uow: UnitOfWork, lease_id: uuid.UUID, successes: list[FileReport], answers: dict[int, ReportAnswer]
+    ) -> dict[int, ReportAnswer]:
+        """After the commit settled: each success's recorded outcome (answers already known are kept)."""
+        unanswered = [r for r in successes if r.file_id not in answers]
+        return self._replayed_commits(uow, lease_id, unanswered) if unanswered else {}
+
+    @staticmethod
+    def _ingestion_id_of(uow: UnitOfWork, lease_id: uuid.UUID) -> str:
+        lease = uow.leases.get(lease_id)
+        assert lease is not None
+        ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk)
+        assert ingestion is not None
+        return ingestion.ingestion_id
 
     @staticmethod
     def _check_reports(reports: list[FileReport], indexed: bool) -> None:
@@ -288,30 +456,21 @@ class LeaseService:
     def _result_row(self, ingestion: Ingestion | None, report: FileReport) -> ReportedResult:
         outcome = report.outcome
         if outcome.succeeded:
-            state, next_at = FileState.SUCCEEDED, None
-        else:
-            assert ingestion is not None
-            state, next_at = self._next_state(ingestion, report.attempt, outcome)
-        return ReportedResult(
-            report.file_id, report.attempt, state, records=outcome.records, size=outcome.bytes,
-            error_type=outcome.error_type, error_message=outcome.error_message, retryable=outcome.retryable,
-            next_attempt_at=next_at,
+            return ReportedResult(report.file_id, report.attempt, FileState.SUCCEEDED, records=outcome.records,
+                                  size=outcome.bytes)  # fmt: skip
+        assert ingestion is not None
+        return failure_result(
+            report.file_id, report.attempt, ingestion.spec.limits.max_attempts, ingestion.spec.error_policy,
+            outcome.error_type, outcome.error_message, retryable=outcome.retryable, records=outcome.records,
+            size=outcome.bytes,
         )  # fmt: skip
-
-    @staticmethod
-    def _next_state(ingestion: Ingestion, attempt: int, outcome: FileOutcome) -> tuple[FileState, datetime | None]:
-        state = state_after_failure(attempt, ingestion.spec.limits.max_attempts, outcome.retryable)
-        if state is not FileState.FAILED:
-            return state, None
-        policy = ingestion.spec.error_policy
-        return state, datetime.now(UTC) + retry_delay(attempt, policy.retry_backoff_initial, policy.retry_backoff_max)
 
     @staticmethod
     def _replayed(
         uow: UnitOfWork,
         lease_id: uuid.UUID,
         reports: dict[int, FileReport],
-        recorded_now: RecordedResults,
+        ingestion_id: str,
         ingestion: Ingestion,
     ) -> dict[int, ReportAnswer]:
         """The identical result, already recorded, gets the recorded answer; anything else lost the lease."""
@@ -327,7 +486,7 @@ class LeaseService:
                     else state_after_failure(report.attempt, ingestion.spec.limits.max_attempts, previous.retryable)
                 )
             next_at = previous.next_attempt_at if state is FileState.FAILED else None
-            answers[file_id] = ReportAnswer(file_id, recorded_now.file_name(file_id), state, next_at)
+            answers[file_id] = ReportAnswer(file_id, f"ingestions/{ingestion_id}/files/{file_id}", state, next_at)
         return answers
 
     def release(self, tenant: str, agent_id: str, lease_id: uuid.UUID, file_ids: list[int]) -> int:

@@ -7,12 +7,13 @@ Repositories add, query and flush. Only the service layer commits.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from controlplane.domain.commits import CommitIntent, CommitState, StagedBatch, TableInfo
 from controlplane.domain.ingestion import Ingestion, IngestionState
 from controlplane.domain.leases import Lease, LeasedFile, RecordedResults, ReportedResult
 from controlplane.domain.runs import File, FileAttempt, FileState, ListedFile, Run, RunState
@@ -151,7 +152,7 @@ class LeaseRepository(Protocol):
     def extend(self, lease_id: uuid.UUID, ttl: timedelta) -> datetime | None: ...
 
     def record_results(
-        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult]
+        self, lease_id: uuid.UUID, agent_id: str, results: list[ReportedResult], commit: uuid.UUID | None = None
     ) -> RecordedResults | None: ...
 
     def recorded_results(self, lease_id: uuid.UUID, attempts: dict[int, int]) -> dict[int, Any]: ...
@@ -161,6 +162,45 @@ class LeaseRepository(Protocol):
     def advance_schema_version(self, ingestion_pk: uuid.UUID, version: int) -> None: ...
 
     def list_agents(self, tenant: str) -> list[Any]: ...
+
+
+class CommitRepository(Protocol):
+    def lock_files(self, file_ids: list[int]) -> dict[int, Any]: ...
+
+    def add(self, intent: CommitIntent) -> None: ...
+
+    def state(self, commit_id: uuid.UUID) -> CommitState | None: ...
+
+    def pending_tables(self, limit: int = 100) -> list[str]: ...
+
+    def own_table(self, table: str, owner: str, stale_after: timedelta) -> bool: ...
+
+    def pending(self, table: str, limit: int) -> list[CommitIntent]: ...
+
+    def settle(self, commit_id: uuid.UUID, state: CommitState, error: str = "") -> bool: ...
+
+
+class TableStore(Protocol):
+    """The catalog, as the committer needs it (adapters/iceberg_tables.py). Tables are opaque here."""
+
+    def describe(self, name: str) -> TableInfo: ...
+
+    def load(self, name: str) -> Any: ...
+
+    def committed(self, table: Any, commit_ids: Collection[str], since_ms: int) -> set[str]: ...
+
+    def commit(
+        self,
+        name: str,
+        batches: Sequence[StagedBatch],
+        partition_by: Sequence[tuple[str, str]],
+        still_owner: Callable[[], bool],
+        table: Any = None,
+    ) -> int: ...
+
+    def discard_files(self, paths: Collection[str]) -> None: ...
+
+    def cleanup_orphans(self, name: str, older_than_seconds: float) -> int: ...
 
 
 class UnitOfWork(Protocol):
@@ -179,6 +219,9 @@ class UnitOfWork(Protocol):
 
     @property
     def idempotency(self) -> IdempotencyRepository: ...
+
+    @property
+    def commits(self) -> CommitRepository: ...
 
     def __enter__(self) -> Self: ...
 

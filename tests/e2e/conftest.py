@@ -54,7 +54,8 @@ def plane_settings(database_url: str, state_dir: Path, **overrides: Any) -> Cont
     values: dict[str, Any] = {
         "database_url": database_url, "state_dir": state_dir, "listen_address": "127.0.0.1:0",
         "shutdown_grace": 1.0, "health_interval": 0.2, "lease_ttl": timedelta(seconds=6),
-        "finalize_sweep_interval": 0.2, "discovery_poll": 0.2,
+        "finalize_sweep_interval": 0.2, "discovery_poll": 0.2, "warehouse": (state_dir.parent / "warehouse").as_uri(),
+        "commit_stale_after": timedelta(seconds=3), "commit_poll": 0.2,
     }  # fmt: skip
     values.update(overrides)
     return ControlPlaneSettings(**values)
@@ -83,7 +84,7 @@ class Stack:
     def agent_settings(self, name: str, **overrides: Any) -> AgentSettings:
         values: dict[str, Any] = {
             "address": self.plane.address, "agent_name": name, "state_dir": self.workdir / "agent",
-            "warehouse": self.warehouse, "lease_wait": 0.5, "shutdown_grace": 5.0, "retry_initial": 0.1,
+            "lease_wait": 0.5, "shutdown_grace": 5.0, "retry_initial": 0.1,
             "retry_max": 1.0,
         }  # fmt: skip
         values.update(overrides)
@@ -91,9 +92,7 @@ class Stack:
 
     def start_agent(self, name: str = "agent-1", **overrides: Any) -> Worker:
         """An in-process agent on the shared Spark session."""
-        worker, channel = build_worker(
-            self.agent_settings(name, **overrides), database_url=self.database_url, spark=self.spark
-        )
+        worker, channel = build_worker(self.agent_settings(name, **overrides), spark=self.spark)
         thread = threading.Thread(target=worker.run, name=name, daemon=True)
         thread.start()
         self.agents.append((worker, thread, channel))
@@ -104,7 +103,6 @@ class Stack:
             worker.stop.set()
             thread.join(60)
             channel.close()
-            worker.sink.close()
         self.agents.clear()
 
     def create(self, ingestion_id: str, source: str, fmt: ingestion_pb2.Format, **fields: Any) -> str:
@@ -134,15 +132,8 @@ class Stack:
         return list(self.files.ListFiles(file_pb2.ListFilesRequest(ingestion=ingestion, page_size=1000)).files)
 
     def table(self, name: str) -> Any:
-        """The Iceberg table as pyiceberg loads it (not through Spark)."""
-        from agent.engine import catalog
-        from agent.sink import IcebergSink
-
-        sink = IcebergSink(catalog(self.agent_settings("reader"), self.database_url))
-        try:
-            return sink.catalog.load_table(name)
-        finally:
-            sink.close()
+        """The Iceberg table as pyiceberg loads it (not through Spark), from the control plane's catalog."""
+        return self.plane.tables.load(name)
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         return list(self.table(table).scan().to_arrow().to_pylist())

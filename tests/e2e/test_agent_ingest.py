@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gzip
 import json
 import time
@@ -64,9 +66,10 @@ def test_files_land_exactly_once_with_metadata_columns(stack: Stack, workdir: Pa
     assert {path: f.records for path, f in files.items()} == {
         (source / f"part-{i:03d}.json").as_uri(): i * 3 for i in range(12)
     }
-    # Every snapshot names the lease that wrote it.
+    # Every snapshot names the commits (intents) it carries and the leases that staged them.
     table = stack.table("e2e.orders")
-    assert all(s.summary["autoloader.lease"].startswith("leases/") for s in table.snapshots())
+    assert all(s.summary["autoloader.leases"].startswith("leases/") for s in table.snapshots())
+    assert all(s.summary["autoloader.commits"] for s in table.snapshots())
 
 
 def test_a_changed_file_replaces_its_rows(stack: Stack, workdir: Path) -> None:
@@ -119,11 +122,14 @@ def test_bad_files_fail_alone_with_readable_errors(stack: Stack, workdir: Path) 
     assert ids == sorted([r["id"] + 10 * i for i in range(6) for r in good] + [300, 301, 302])
 
 
-def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack, workdir: Path) -> None:
+def test_orphaned_staging_files_are_removed_and_committed_ones_kept(
+    make_stack: Callable[..., Stack], workdir: Path
+) -> None:
     import os
 
-    from agent import worker
+    from controlplane.config import ControlPlaneSettings
 
+    stack = make_stack(orphan_sweep_interval=0)
     source = workdir / "src"
     write_jsonl(source / "a.json", [{"id": 1}])
     ingestion = stack.create("orphans", source.as_uri(), Format(type=Format.TYPE_JSON))
@@ -144,7 +150,7 @@ def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack
     write_jsonl(source / "b.json", [{"id": 2}])
     stack.start_agent("agent-2")
     assert stack.run(ingestion).state == Run.STATE_SUCCEEDED
-    # The agent sweeps after reporting its batch, so shortly after the run ended.
+    # The committer sweeps the table after committing to it, so shortly after the run ended.
     deadline = time.monotonic() + 30
     while orphan.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -154,7 +160,7 @@ def test_orphaned_staging_files_are_removed_and_committed_ones_kept(stack: Stack
     table = stack.table("e2e.orphans")
     first = min(table.snapshots(), key=lambda s: s.timestamp_ms)
     assert [r["id"] for r in table.scan(snapshot_id=first.snapshot_id).to_arrow().to_pylist()] == [1]
-    assert worker.ORPHAN_AGE >= 3600
+    assert ControlPlaneSettings.model_fields["orphan_age"].default.total_seconds() >= 3600
 
 
 def test_files_with_unusual_names_keep_their_names(stack: Stack, workdir: Path) -> None:

@@ -12,16 +12,17 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlparse
 
+from autoloader.storage_options import MissingCredentials, fsspec_protocol, storage_options
 
-class StagingError(Exception):
+
+class FetchError(Exception):
     """A file could not be fetched (missing, denied, unreachable)."""
 
 
-class StagedFiles:
-    """`with StagedFiles(...) as staged: staged.local(uri)`; the copies are removed on exit."""
+class FetchedSources:
+    """`with FetchedSources(...) as fetched: fetched.local(uri)`; the copies are removed on exit."""
 
     def __init__(
         self,
@@ -32,16 +33,15 @@ class StagedFiles:
         scratch: Path | None = None,
     ) -> None:
         self._uris = uris
-        self._options: dict[str, Any] = dict(options)
-        if credentials_ref:
-            if credentials_ref not in credentials:
-                raise StagingError(f"credentials {credentials_ref!r} are not configured on this agent")
-            self._options.update(credentials[credentials_ref])
+        try:
+            self._options = storage_options(options, credentials, credentials_ref)
+        except MissingCredentials:
+            raise FetchError(f"credentials {credentials_ref!r} are not configured on this agent") from None
         self._scratch = scratch
         self._dir: Path | None = None
         self._local: dict[str, str] = {}
 
-    def __enter__(self) -> StagedFiles:
+    def __enter__(self) -> FetchedSources:
         remote = [u for u in self._uris if urlparse(u).scheme not in ("file", "")]
         if remote:
             self._dir = Path(tempfile.mkdtemp(prefix="autoloader-staging-", dir=self._scratch))
@@ -64,9 +64,9 @@ class StagedFiles:
         assert self._dir is not None
         scheme = urlparse(uris[0]).scheme
         try:
-            fs = fsspec.filesystem({"gcs": "gs"}.get(scheme, scheme), **self._options)
+            fs = fsspec.filesystem(fsspec_protocol(scheme), **self._options)
         except ImportError as exc:
-            raise StagingError(f"{scheme}:// needs an extra package: {exc.name}") from None
+            raise FetchError(f"{scheme}:// needs an extra package: {exc.name}") from None
         for i, uri in enumerate(uris):
             # Keep the file name: Spark picks the codec by its extension (.gz, .bz2, ...).
             target = self._dir / f"{i:06d}" / Path(urlparse(uri).path).name
@@ -74,7 +74,7 @@ class StagedFiles:
             try:
                 fs.get_file(uri, str(target))
             except FileNotFoundError:
-                raise StagingError(f"{uri} no longer exists") from None
+                raise FetchError(f"{uri} no longer exists") from None
             except Exception as exc:
-                raise StagingError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
+                raise FetchError(f"cannot fetch {uri}: {type(exc).__name__}: {exc}") from None
             self._local[uri] = f"file://{target}"

@@ -1,0 +1,23 @@
+"""Test-only fault injection: `AUTOLOADER_TEST_FAULT=<point>` makes the process exit at that point.
+
+The crash tests name every step of the write protocol (agent and control
+plane) and check that a restart leaves the table equal to the sources.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+VARIABLE = "AUTOLOADER_TEST_FAULT"
+EXIT_CODE = 17
+
+
+def crash_point(point: str) -> None:
+    """Exits the process at once (no cleanup, like a kill) if the environment names this point."""
+    if os.environ.get(VARIABLE) == point:
+        log.warning("test fault: exiting at %s", point, extra={"action": "test.fault"})
+        logging.shutdown()
+        os._exit(EXIT_CODE)
