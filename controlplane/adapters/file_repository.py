@@ -44,6 +44,7 @@ def _requeue_values(run_pk: uuid.UUID) -> dict[str, Any]:
         "state": FileState.PENDING,
         "attempts": 0,
         "lease_expiries": 0,
+        "solo_expiries": 0,
         "next_attempt_at": func.now(),
         "lease_pk": None,
         "lease_expire_time": None,
@@ -89,7 +90,7 @@ _REQUEUE_CHANGED = text(
     """
     UPDATE files f
     SET size_bytes = c.size_bytes, modified_time = c.modified_time, etag = c.etag,
-        run_pk = :run, state = 'PENDING', attempts = 0, lease_expiries = 0, next_attempt_at = now(),
+        run_pk = :run, state = 'PENDING', attempts = 0, lease_expiries = 0, solo_expiries = 0, next_attempt_at = now(),
         lease_pk = NULL, lease_expire_time = NULL, last_error = '', records = 0, update_time = now()
     FROM unnest(CAST(:ids AS bigint[]), CAST(:sizes AS bigint[]), CAST(:mtimes AS timestamptz[]),
                 CAST(:etags AS text[])) AS c(id, size_bytes, modified_time, etag)

@@ -55,7 +55,11 @@ LEASES_PROPERTY = "autoloader.leases"
 # Whole values as _source_file's bounds, not the default 16-character prefix, which the paths
 # of one table share: with it, every commit's delete of its batch's rows found every data file
 # of the table a candidate and read it (commits grew from 0.07 s to 0.6 s in 11 batches).
-TABLE_PROPERTIES = {f"write.metadata.metrics.column.{SOURCE_FILE}": "full"}
+#
+# No commit retries inside pyiceberg: on a conflict it refreshes the table and rebuilds the
+# transaction on top of whatever landed since, which is exactly how a paused committer's stale
+# batch would overwrite newer rows. Our committer retries itself, after checking its fence again.
+TABLE_PROPERTIES = {f"write.metadata.metrics.column.{SOURCE_FILE}": "full", "commit.retry.num-retries": "0"}
 # Snapshots this much older than a commit's intent cannot carry it (clock skew between hosts).
 RECOGNITION_MARGIN_MS = 10 * 60 * 1000
 
@@ -148,6 +152,11 @@ class IcebergTables:
             if arrow_schema is None:
                 raise ValueError("a table is created by a commit with data")  # the caller records such results
             table = self._create(name, arrow_schema, partition_by)
+        if any(table.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
+            # A table an older version created: the properties first, in a commit of their own (no
+            # snapshot), so that the data commit below is never retried by pyiceberg.
+            with table.transaction() as tx:
+                tx.set_properties(TABLE_PROPERTIES)
         if not still_owner():
             raise FenceLost(name)
         properties = {
@@ -158,8 +167,6 @@ class IcebergTables:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Delete operation did not match any records"
             with table.transaction() as tx:
-                if any(table.properties.get(k) != v for k, v in TABLE_PROPERTIES.items()):
-                    tx.set_properties(TABLE_PROPERTIES)  # a table an older version created
                 if arrow_schema is not None and _new_columns(table.schema(), arrow_schema):
                     with tx.update_schema() as update:
                         update.union_by_name(_optional(arrow_schema))

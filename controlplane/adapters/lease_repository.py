@@ -44,11 +44,17 @@ _PICK_INGESTIONS = text(
 
 # One statement: lock up to :max_files claimable files oldest-first (skipping rows another
 # claimer holds), keep as many as fit in :max_bytes (at least one), lease them.
+#
+# Crashes are isolated as failures are: a file whose lease expired (its agent died) is leased
+# again in a batch half as large per expiry (at most :max_files >> expiries), so a file that kills
+# agents ends up leased alone; only expiries while alone (solo_expiries) count toward quarantine.
 _CLAIM = text(
     f"""
     WITH picked AS MATERIALIZED (
         SELECT f.id, f.size_bytes, f.state AS old_state, f.lease_pk AS old_lease,
-               f.next_attempt_at, f.lease_expiries
+               f.next_attempt_at, f.lease_expiries, f.solo_expiries,
+               f.state = 'LEASED' AS expired,
+               f.state = 'LEASED' AND (SELECT l.file_count FROM leases l WHERE l.id = f.lease_pk) = 1 AS was_alone
         FROM files f {_ACTIVE_RUN}
         WHERE f.ingestion_pk = :ingestion AND {_CLAIMABLE}
         ORDER BY f.next_attempt_at, f.id
@@ -56,21 +62,26 @@ _CLAIM = text(
         FOR UPDATE OF f SKIP LOCKED
     ),
     sized AS (
-        SELECT *, sum(size_bytes) OVER (ORDER BY next_attempt_at, id ROWS UNBOUNDED PRECEDING) - size_bytes
-                  AS bytes_before
+        SELECT *, sum(size_bytes) OVER w - size_bytes AS bytes_before, row_number() OVER w AS position,
+               -- the smallest batch any file so far allows
+               min(greatest(1, CAST(:max_files AS integer)
+                               >> least(lease_expiries + CASE WHEN expired THEN 1 ELSE 0 END, 30))) OVER w AS cap
         FROM picked
+        WINDOW w AS (ORDER BY next_attempt_at, id ROWS UNBOUNDED PRECEDING)
     ),
     chosen AS (
         SELECT * FROM sized
         WHERE (bytes_before + size_bytes <= :max_bytes OR bytes_before = 0)  -- a larger file goes alone
-          -- a file whose leases keep expiring is quarantined below, not leased again
-          AND NOT (old_state = 'LEASED' AND lease_expiries + 1 >= :max_expiries)
+          AND position <= cap
+          -- a file that keeps killing agents when leased alone is quarantined below, not leased again
+          AND NOT (was_alone AND solo_expiries + 1 >= :max_expiries)
     )
     UPDATE files f SET
         state = 'LEASED', lease_pk = :lease, lease_expire_time = now() + :ttl, update_time = now(),
         -- an expired lease is a crash, not the file's fault: it costs no attempt
-        attempts = CASE WHEN c.old_state = 'LEASED' THEN f.attempts ELSE f.attempts + 1 END,
-        lease_expiries = CASE WHEN c.old_state = 'LEASED' THEN f.lease_expiries + 1 ELSE f.lease_expiries END
+        attempts = CASE WHEN c.expired THEN f.attempts ELSE f.attempts + 1 END,
+        lease_expiries = CASE WHEN c.expired THEN f.lease_expiries + 1 ELSE f.lease_expiries END,
+        solo_expiries = CASE WHEN c.was_alone THEN f.solo_expiries + 1 ELSE f.solo_expiries END
     FROM chosen c
     WHERE f.id = c.id
     RETURNING f.id, f.path, f.size_bytes, f.etag, f.modified_time, f.attempts, f.run_pk,
@@ -78,14 +89,18 @@ _CLAIM = text(
     """
 )
 
-# Files whose leases expired too often: quarantined, with the expiry recorded.
+# Files that killed their agents while leased alone too often: quarantined, with the expiry recorded.
 _QUARANTINE_KILLERS = text(
     """
     UPDATE files f SET state = 'QUARANTINED', lease_expiries = f.lease_expiries + 1,
-        last_error = 'lease expired ' || (f.lease_expiries + 1) || ' times: the file may crash its agents',
+        solo_expiries = f.solo_expiries + 1,
+        last_error = 'lease expired ' || (f.solo_expiries + 1)
+                     || ' times while leased alone: the file may crash its agents',
         lease_pk = NULL, lease_expire_time = NULL, update_time = now()
+    FROM leases l
     WHERE f.ingestion_pk = :ingestion AND f.state = 'LEASED' AND f.lease_expire_time < now()
-      AND f.commit_pk IS NULL AND f.lease_expiries + 1 >= :max_expiries
+      AND f.commit_pk IS NULL AND l.id = f.lease_pk AND l.file_count = 1
+      AND f.solo_expiries + 1 >= :max_expiries
     RETURNING f.id, f.attempts, f.run_pk, f.lease_pk
     """
 )

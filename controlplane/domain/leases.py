@@ -11,7 +11,8 @@ from controlplane.domain.errors import FailedPrecondition, PermissionDenied
 from controlplane.domain.ingestion import ErrorPolicy
 from controlplane.domain.runs import FileState
 
-# A file whose leases keep expiring (it kills its agents) is quarantined after this many.
+# A file whose leases keep expiring while it is leased alone (it kills its agents) is quarantined
+# after this many such expiries; expiries in larger batches only make its next batch smaller.
 MAX_LEASE_EXPIRIES = 3
 
 
