@@ -35,7 +35,7 @@ from agent.protocol import Batch, LeaseClient, Stopped
 from agent.reader import SourceFile, UnmatchedRows, read_batch, samples
 from agent.sampling import HEAD_BYTES
 from agent.stage import StagedData, discard, stage
-from autoloader.faults import crash_point
+from autoloader.faults import crash_point, pause_point
 from autoloader.v1 import lease_pb2
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class Worker:
                 self._check_held(heartbeat)
                 if outcome.results:
                     crash_point("agent_before_report")
+                    pause_point("agent_before_report")
                     # The heartbeat runs on while the control plane commits: the files stay ours.
                     try:
                         answers = self._client.report(batch.lease.name, list(outcome.results.values()),

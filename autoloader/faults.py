@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 log = logging.getLogger(__name__)
 
@@ -21,3 +22,18 @@ def crash_point(point: str) -> None:
         log.warning("test fault: exiting at %s", point, extra={"action": "test.fault"})
         logging.shutdown()
         os._exit(EXIT_CODE)
+
+
+PAUSE_VARIABLE = "AUTOLOADER_TEST_PAUSE"
+
+
+def pause_point(point: str) -> None:
+    """Stops the whole process (SIGSTOP, every thread: no heartbeat either) if the environment names this point.
+
+    The adversary's pause (a VM freeze, a long GC) at the worst moment; the test
+    resumes the process with SIGCONT. Once per process.
+    """
+    if os.environ.get(PAUSE_VARIABLE) == point:
+        del os.environ[PAUSE_VARIABLE]
+        log.warning("test pause: stopping at %s", point, extra={"action": "test.pause"})
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -446,7 +446,9 @@ def test_release_after_a_report_only_returns_unreported_files(api: Api) -> None:
 # --- claiming: fairness, limits, filters, paused and cancelled ---------------------------------------
 
 
-def test_fair_between_two_ingestions(api: Api) -> None:
+def test_fair_between_two_ingestions(make_api: Callable[..., Api]) -> None:
+    # Leases that outlive the test: a re-leased expired file would come in a smaller batch.
+    api = make_api(60.0)
     api.running("fa", 1)
     api.running("fb", 1)
     api.add_rows("fa", 499)

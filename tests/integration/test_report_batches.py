@@ -452,7 +452,9 @@ def test_bad_input_names_the_field_and_changes_nothing(api: Api) -> None:
     assert len(all_attempts(api.engine)) == 1
 
 
-def test_schema_version_follows_reports_and_never_goes_back(api: Api) -> None:
+def test_an_agent_cannot_set_the_schema_version(api: Api) -> None:
+    """The deprecated field is ignored: the ingestion's schema version follows the table's commits
+    (tests/e2e/test_agent_schema.py), never what an agent says."""
     ingestion, _ = api.running("schema", 4)
     got = api.lease("a1", max_files=2)
 
@@ -464,14 +466,4 @@ def test_schema_version_follows_reports_and_never_goes_back(api: Api) -> None:
     api.leases.ReportFileResults(
         Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[0])], schema_version=3)
     )
-    assert version() == 3
-    api.leases.ReportFileResults(
-        Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[1])], schema_version=2)
-    )
-    assert version() == 3  # an older agent's report does not roll it back
-    with pytest.raises(grpc.RpcError) as raised:
-        api.leases.ReportFileResults(
-            Batch(lease=got.lease.name, agent="agents/a1", results=[ok(got.files[1])], schema_version=-1)
-        )
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "schema_version" in field_violations(raised.value)
+    assert version() == 0
