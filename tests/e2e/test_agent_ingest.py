@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import gzip
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
