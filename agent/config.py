@@ -10,16 +10,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.sampling import HEAD_BYTES
+from autoloader.paths import default_state_dir
 
 
 def default_agent_name() -> str:
     # host + pid: unique per process on a host, readable in `agents list`.
     host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:100] or "host"
     return f"{host}-{os.getpid()}"
-
-
-def default_state_dir() -> Path:
-    return Path.home() / ".autoloader"
 
 
 class AgentSettings(BaseSettings):

@@ -125,7 +125,8 @@ def main() -> None:
     files = 20_000 if args.quick else 100_000
     rss_files = 100_000 if args.quick else 1_000_000
 
-    from controlplane import bootstrap, logs
+    from autoloader import logs
+    from controlplane import bootstrap
     from controlplane.config import ControlPlaneSettings
 
     logs.configure("WARNING")

@@ -103,8 +103,9 @@ def main() -> None:
     small_files, small_bytes = (100, 10_000) if args.quick else (2_000, 10_000)
     warmup_files, warmup_bytes = (2, 500_000) if args.quick else (4, 1_000_000)
 
+    from autoloader import logs
     from autoloader.local import start_agent
-    from controlplane import bootstrap, logs
+    from controlplane import bootstrap
     from controlplane.config import ControlPlaneSettings
 
     logs.configure("WARNING")

@@ -143,7 +143,8 @@ def main() -> None:
     files = args.files or (1_000 if args.quick else 4_000)
     agent_counts = args.agents or ([1, 4] if args.quick else [1, 2, 4, 8])
 
-    from controlplane import bootstrap, logs
+    from autoloader import logs
+    from controlplane import bootstrap
     from controlplane.adapters.lease_repository import _CLAIM
     from controlplane.config import ControlPlaneSettings
     from controlplane.domain.leases import MAX_LEASE_EXPIRIES

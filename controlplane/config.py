@@ -11,6 +11,8 @@ from typing import Annotated
 from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from autoloader.paths import default_state_dir
+
 
 def _seconds_or_iso(value: object) -> object:
     """Durations from the environment: plain seconds ("30", "2.5") or ISO 8601 ("PT30S", "P7D")."""
@@ -20,10 +22,6 @@ def _seconds_or_iso(value: object) -> object:
 
 
 Duration = Annotated[timedelta, BeforeValidator(_seconds_or_iso)]
-
-
-def default_state_dir() -> Path:
-    return Path.home() / ".autoloader"
 
 
 class ControlPlaneSettings(BaseSettings):

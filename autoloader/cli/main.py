@@ -54,7 +54,8 @@ def main_options(
 
 def _run_control_plane(state_dir: Path | None, banner: bool, with_agent: bool = False) -> None:
     # Imported here: the SDK and the client commands do not need the server's dependencies loaded.
-    from controlplane import bootstrap, logs
+    from autoloader import logs
+    from controlplane import bootstrap
     from controlplane.config import ControlPlaneSettings
 
     if state_dir is not None:
@@ -129,7 +130,7 @@ def agent() -> None:
     """
     from agent.config import AgentSettings
     from agent.main import run
-    from controlplane import logs
+    from autoloader import logs
 
     settings = _settings(AgentSettings)
     logs.configure(settings.log_level, os.environ.get("AUTOLOADER_LOG_FORMAT", "text"))
@@ -145,10 +146,11 @@ def demo(
     ] = None,
 ) -> None:
     """The whole job on this machine: sample files -> ingestion -> run with progress -> rows read back from Iceberg."""
+    from autoloader import logs
     from autoloader.cli.runs import follow
     from autoloader.demo import apply_demo, show_table, start_demo_run, write_sample_files
     from autoloader.local import start_agent
-    from controlplane import bootstrap, logs
+    from controlplane import bootstrap
     from controlplane.config import ControlPlaneSettings
 
     settings = _settings(ControlPlaneSettings, listen_address="127.0.0.1:0")

@@ -136,7 +136,9 @@ class Stack:
         return self.plane.tables.load(name)
 
     def rows(self, table: str) -> list[dict[str, Any]]:
-        return list(self.table(table).scan().to_arrow().to_pylist())
+        loaded = self.table(table)
+        assert loaded is not None, f"{table} does not exist"
+        return list(loaded.scan().to_arrow().to_pylist())
 
 
 @contextlib.contextmanager

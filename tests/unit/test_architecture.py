@@ -132,6 +132,39 @@ def test_import_scanner(source: str, expected: list[str]) -> None:
     assert forbidden_imports(source) == expected
 
 
+AGENT_MODULES = sorted((ROOT / "agent").rglob("*.py"))
+# An agent talks to the control plane over gRPC and to storage; never to its database or catalog.
+FORBIDDEN_IN_AGENT = ("controlplane", "sqlalchemy", "psycopg", "alembic")
+
+
+def test_agent_modules_are_found() -> None:
+    assert {"worker.py", "stage.py", "errors.py", "protocol.py"} <= {p.name for p in AGENT_MODULES}
+
+
+@pytest.mark.parametrize("path", AGENT_MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_agent_imports_neither_the_control_plane_nor_a_database(path: Path) -> None:
+    assert forbidden_imports(path.read_text(), FORBIDDEN_IN_AGENT) == []
+
+
+def test_the_agent_opens_no_catalog() -> None:
+    """pyiceberg's types and transforms are fine (bucket partitioning); its catalogs are the control plane's."""
+    for path in AGENT_MODULES:
+        source = path.read_text()
+        assert "pyiceberg.catalog" not in source and "load_catalog" not in source, path
+
+
+def test_importing_the_agent_loads_no_control_plane_module() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import agent.main, agent.worker, agent.stage
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("controlplane", "sqlalchemy", "psycopg")))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 def test_importing_the_domain_loads_neither_sqlalchemy_nor_grpc() -> None:
     """Transitively too: no domain module may pull them in through another package."""
     modules = [f"controlplane.domain.{p.stem}" for p in DOMAIN_MODULES if p.stem != "__init__"]
