@@ -122,6 +122,10 @@ class SqlCommitRepository:
             for row in rows
         ]  # fmt: skip
 
+    def unmark_files(self, commit_id: uuid.UUID) -> None:
+        """Files the intent's results did not reach (no longer LEASED by its lease) are free again."""
+        self._session.execute(text("UPDATE files SET commit_pk = NULL WHERE commit_pk = :id"), {"id": commit_id})
+
     def settle(self, commit_id: uuid.UUID, state: CommitState, error: str = "") -> bool:
         """Ends a PENDING intent; False if it was already settled (by a replica that took over)."""
         row = self._session.execute(_SETTLE, {"id": commit_id, "state": state.value, "error": error}).first()

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -212,7 +212,12 @@ class SqlRunRepository:
     def _skip_open_files(self, run_pk: uuid.UUID) -> None:
         self._session.execute(
             update(FileRow)
-            .where(and_(FileRow.run_pk == run_pk, FileRow.state.in_([s.value for s in OPEN_FILE_STATES])))
+            .where(
+                FileRow.run_pk == run_pk,
+                FileRow.state.in_([s.value for s in OPEN_FILE_STATES]),
+                # A file whose data is being committed is settled by its committer, cancelled or not.
+                FileRow.commit_pk.is_(None),
+            )
             .values(state=FileState.SKIPPED, lease_pk=None, lease_expire_time=None)
         )
 

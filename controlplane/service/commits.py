@@ -225,6 +225,7 @@ class CommitService:
                     for f in intent.files
                 ]
                 recorded = uow.leases.record_results(intent.lease_id, intent.agent_id, rows, commit=intent.id)
+                uow.commits.unmark_files(intent.id)
                 if recorded is not None:
                     runs.update(r for r in recorded.runs.values() if r is not None)
                 if version:
@@ -246,6 +247,7 @@ class CommitService:
             if not uow.commits.settle(intent.id, CommitState.ABORTED, message):
                 return 0
             if ingestion is None:
+                uow.commits.unmark_files(intent.id)
                 uow.commit()
                 return 1
             rows = [
@@ -261,6 +263,7 @@ class CommitService:
                 for f in intent.files
             ]
             recorded = uow.leases.record_results(intent.lease_id, intent.agent_id, rows, commit=intent.id)
+            uow.commits.unmark_files(intent.id)
             if recorded is not None:
                 runs.update(r for r in recorded.runs.values() if r is not None)
                 if ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN:
