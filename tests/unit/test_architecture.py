@@ -150,7 +150,8 @@ def test_the_agent_opens_no_catalog() -> None:
     """pyiceberg's types and transforms are fine (bucket partitioning); its catalogs are the control plane's."""
     for path in AGENT_MODULES:
         source = path.read_text()
-        assert "pyiceberg.catalog" not in source and "load_catalog" not in source, path
+        assert "pyiceberg.catalog" not in source, path
+        assert "load_catalog" not in source, path
 
 
 def test_importing_the_agent_loads_no_control_plane_module() -> None:
