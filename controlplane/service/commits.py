@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from autoloader.faults import crash_point
@@ -63,6 +64,18 @@ def _transient(error: BaseException) -> bool:
     return isinstance(error, CommitStateUnknownException | DBAPIError | ConnectionError | TimeoutError | OSError)
 
 
+@dataclass
+class CommitStats:
+    """What this replica's committer did since it started (benchmarks and tests read it)."""
+
+    commits: int = 0  # Iceberg transactions that landed
+    batches: int = 0  # intents they carried
+    files: int = 0  # source files they carried
+    conflicts: int = 0  # commits that lost a race with another writer and were retried
+    recognised: int = 0  # intents found already committed (a crash between commit and settle)
+    aborted: int = 0  # intents whose data could not be committed
+
+
 class CommitService:
     def __init__(
         self,
@@ -85,6 +98,7 @@ class CommitService:
         self._orphan_age = orphan_age
         self._orphan_every = orphan_every
         self._swept: dict[str, float] = {}
+        self.stats = CommitStats()
         self.wakeup = ChangeFeed()  # new intents on this replica
         self._settled = ChangeFeed()  # intents settled by this replica
 
@@ -152,6 +166,7 @@ class CommitService:
                     table, [str(i.id) for i in intents], int(min(i.create_time for i in intents).timestamp() * 1000)
                 )
                 if landed:
+                    self.stats.recognised += len(landed)
                     log.info("%d commits of %s found in its snapshots", len(landed), name,
                              extra={"action": "commit.recognised", "table": name})  # fmt: skip
                     version = table.schema().schema_id + 1
@@ -177,6 +192,7 @@ class CommitService:
             except Exception as error:
                 if self._is_conflict(error):
                     conflicts += 1
+                    self.stats.conflicts += 1
                     pause = random.uniform(0, min(0.05 * 2**conflicts, CONFLICT_BACKOFF_MAX))  # noqa: S311
                     log.info("commit conflict on %s (%d); retrying in %.2fs", name, conflicts, pause,
                              extra={"action": "commit.conflict", "table": name})  # fmt: skip
@@ -195,6 +211,9 @@ class CommitService:
                 return settled + self._abort(intents[0], error, ingestions.get(intents[0].ingestion_pk))
             crash_point("plane_after_iceberg_commit")
             files = sum(len(i.files) for i in intents)
+            self.stats.commits += 1
+            self.stats.batches += len(intents)
+            self.stats.files += files
             log.info("committed %d batches (%d files) to %s in %.2fs", len(intents), files, name,
                      time.monotonic() - started, extra={"action": "commit.done", "table": name})  # fmt: skip
             return settled + self._settle(intents, version, ingestions)
@@ -246,6 +265,7 @@ class CommitService:
         with self._uow_factory() as uow:
             if not uow.commits.settle(intent.id, CommitState.ABORTED, message):
                 return 0
+            self.stats.aborted += 1
             if ingestion is None:
                 uow.commits.unmark_files(intent.id)
                 uow.commit()
@@ -311,7 +331,7 @@ class CommitLoop:
     """
 
     def __init__(self, service: CommitService, poll: float = 0.5) -> None:
-        self._service = service
+        self.service = service
         self._poll = poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="committer", daemon=True)
@@ -321,16 +341,16 @@ class CommitLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        self._service.wakeup.notify()
+        self.service.wakeup.notify()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        seen = self._service.wakeup.version
+        seen = self.service.wakeup.version
         while not self._stop.is_set():
             try:
-                while not self._stop.is_set() and self._service.commit_round():
+                while not self._stop.is_set() and self.service.commit_round():
                     pass
             except Exception:
                 log.exception("committer error; retrying", extra={"action": "commit.error"})
                 self._stop.wait(self._poll)
-            seen = self._service.wakeup.wait(seen, self._poll)
+            seen = self.service.wakeup.wait(seen, self._poll)

@@ -400,9 +400,9 @@ class LeaseService:
     @staticmethod
     def _ingestion_id_of(uow: UnitOfWork, lease_id: uuid.UUID) -> str:
         lease = uow.leases.get(lease_id)
-        assert lease is not None
-        ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk)
-        assert ingestion is not None
+        ingestion = uow.ingestions.get_by_pk(lease.ingestion_pk) if lease is not None else None
+        if ingestion is None:  # deleted meanwhile, with its leases and files
+            raise NotFound(f"leases/{lease_id} does not exist", metadata={"lease": f"leases/{lease_id}"})
         return ingestion.ingestion_id
 
     @staticmethod
