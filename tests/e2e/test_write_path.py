@@ -84,7 +84,8 @@ def make_plane(database_url: str, workdir: Path) -> Iterator[Callable[..., Stack
 
 def sql(database_url: str, query: str, **params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
-        return list(conn.execute(query, params).fetchall())
+        cursor = conn.execute(query, params)
+        return list(cursor.fetchall()) if cursor.description is not None else []
 
 
 def commit_states(database_url: str) -> dict[str, int]:

@@ -5,16 +5,19 @@ lease's staging location and reports with data_files; the control plane's commit
 commits the data and settles the files. Covered: the happy path and its identical
 retry, the lease fence (whole and partial), staging paths outside the lease, group
 commit, in-doubt files (claimable by nobody, not released, taken over by another
-replica), recognition of a landed but unsettled commit, and crash isolation of files
-whose leases keep expiring.
+replica), recognition of a landed but unsettled commit, rows replaced by a later
+load, data that cannot be committed, the orphan sweep against a backlog of pending
+intents, and crash isolation of files whose leases keep expiring.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +33,7 @@ from autoloader.v1 import file_pb2, ingestion_pb2, lease_pb2, run_pb2
 from controlplane import bootstrap
 from controlplane.config import ControlPlaneSettings
 from controlplane.domain.commits import StagedBatch
+from controlplane.service.commits import MAX_INTENTS_PER_COMMIT
 from tests.integration.helpers import error_info, field_violations, valid_ingestion
 from tests.integration.test_leasing import TERMINAL, Api, rpc_error
 
@@ -87,15 +91,18 @@ class Plane(Api):
         *,
         name: str = "part-0.parquet",
         location: str | None = None,
+        first: int = 0,
+        n_type: pa.DataType | None = None,
     ) -> lease_pb2.DataFile:
-        """One Parquet file with ROWS rows per source file, under the lease's staging location (or `location`)."""
+        """One Parquet file with ROWS rows per source file (n = first, first + 1, ...), under the lease's
+        staging location (or `location`); `n_type` gives n another type than bigint."""
         files = got.files if files is None else files
         uri = f"{(location or got.target.staging_location).rstrip('/')}/{name}"
         local = Path(uri.removeprefix("file://"))
         local.parent.mkdir(parents=True, exist_ok=True)
         rows = pa.table(
             {
-                "n": pa.array([i for _ in files for i in range(ROWS)], pa.int64()),
+                "n": pa.array([first + i for _ in files for i in range(ROWS)], pa.int64()).cast(n_type or pa.int64()),
                 "payload": [f"{f.name}#{i}" for f in files for i in range(ROWS)],
                 "_source_file": [f.path for f in files for _ in range(ROWS)],
             }
@@ -153,8 +160,8 @@ class Plane(Api):
         return [self.file_row(f.name) for f in files]
 
 
-def expected_rows(*batches: Sequence[lease_pb2.LeasedFile]) -> list[tuple[str, int]]:
-    return sorted((f.path, i) for files in batches for f in files for i in range(ROWS))
+def expected_rows(*batches: Sequence[lease_pb2.LeasedFile], first: int = 0) -> list[tuple[str, int]]:
+    return sorted((f.path, first + i) for files in batches for f in files for i in range(ROWS))
 
 
 def lease_id(got: lease_pb2.LeaseFilesResponse) -> uuid.UUID:
@@ -488,13 +495,13 @@ def test_in_doubt_files_are_claimable_by_nobody_and_another_replica_commits_them
     make_plane: Callable[..., Plane],
 ) -> None:
     first_plane = make_plane(ttl=1.5, stale=2.0)
-    first_plane.running("doubt", 4)
+    first_plane.running("doubt", 5)
     base = first_plane.lease("a0", max_files=1)  # a first commit: this replica owns the table
     base_data = first_plane.stage(base)
     assert states(first_plane.report_data("a0", base, [base_data])) == succeeded(base.files)
     first_plane.plane.committer.stop()  # a committer that hangs
 
-    got = first_plane.lease("a1")
+    got = first_plane.lease("a1", max_files=3)
     assert len(got.files) == 3
     data = first_plane.stage(got)
     thread, out = in_thread(lambda: first_plane.report_data("a1", got, [data], timeout=30))
@@ -508,8 +515,12 @@ def test_in_doubt_files_are_claimable_by_nobody_and_another_replica_commits_them
             text("SELECT bool_and(lease_expire_time < now()) FROM files WHERE commit_pk = :c"), {"c": intent.id}
         ).scalar_one()
     assert expired
+    # The ingestion has claimable work (its fifth file), but none of the files in doubt.
     other = first_plane.lease("a2", wait=1.0)
-    assert not other.files, [f.name for f in other.files]
+    in_doubt = {f.name for f in got.files}
+    assert len(other.files) == 1, [f.name for f in other.files]
+    assert other.files[0].name not in in_doubt | {base.files[0].name}
+    assert not first_plane.lease("a3", wait=0.5).files
     for row in first_plane.rows_of(got.files):
         assert (row.state, row.lease_pk, row.attempts, row.commit_pk) == ("LEASED", lease_id(got), 1, intent.id)
         assert row.lease_expiries == 0
@@ -528,6 +539,9 @@ def test_in_doubt_files_are_claimable_by_nobody_and_another_replica_commits_them
         assert (row.state, row.records, row.commit_pk) == ("SUCCEEDED", ROWS, None)
     assert second_plane.rows() == expected_rows(base.files, got.files)
     assert sum(str(intent.id) in carried(s, COMMITS) for s in second_plane.snapshots()) >= 1
+    with second_plane.engine.connect() as conn:
+        owner = conn.execute(text("SELECT owner FROM table_committers WHERE table_name = :t"), {"t": TABLE}).scalar()
+    assert owner == second_plane.plane.committer._service.owner
     # A retry on either replica gets the recorded answers.
     assert states(first_plane.report_data("a1", got, [data])) == succeeded(got.files)
     assert second_plane.rows() == expected_rows(base.files, got.files)
@@ -597,6 +611,127 @@ def test_a_landed_but_unsettled_commit_is_recognised_not_repeated(make_plane: Ca
     assert second_plane.rows() == expected_rows(got.files)
     assert states(second_plane.report_data("a1", got, [data])) == succeeded(got.files)
     assert local(data).exists()
+
+
+# --- replacing rows, and data that cannot be committed ----------------------------------------------
+
+
+def test_a_commit_replaces_the_rows_its_source_files_already_had(make_plane: Callable[..., Plane]) -> None:
+    api = make_plane()
+    api.running("replace", 2)
+    got = api.lease("a1")
+    changed, emptied = got.files
+    # Rows of an earlier load of both files, and of a file of no concern, are in the table already.
+    tables = api.plane.tables
+    old_lease = str(uuid.uuid4())
+    unrelated = lease_pb2.LeasedFile(name="ingestions/x/files/0", path="file:///elsewhere/other.json")
+    earlier = api.stage(got, [changed, emptied, unrelated], location=tables.describe(TABLE).staging_location(old_lease),
+                        first=100)  # fmt: skip
+    batch = StagedBatch(str(uuid.uuid4()), f"leases/{old_lease}", (changed.path, emptied.path, unrelated.path),
+                        (earlier.path,))  # fmt: skip
+    tables.commit(TABLE, [batch], [], lambda: True, tables.load(TABLE))
+    assert api.rows() == expected_rows([changed, emptied, unrelated], first=100)
+
+    # Now `changed` has new rows and `emptied` has none.
+    reply = api.report_data("a1", got, [api.stage(got, [changed])])
+
+    assert states(reply) == succeeded(got.files)
+    assert api.rows() == sorted(expected_rows([changed]) + expected_rows([unrelated], first=100))
+    (intent,) = api.commits()
+    assert intent.state == "COMMITTED"
+    assert str(intent.id) in carried(api.table().current_snapshot(), COMMITS)
+
+
+def test_data_that_cannot_be_committed_fails_its_own_files_only(make_plane: Callable[..., Plane]) -> None:
+    api = make_plane()
+    api.running("abort", 4)
+    base = api.lease("a0", max_files=1)
+    assert states(api.report_data("a0", base, [api.stage(base)])) == succeeded(base.files)  # n is a bigint
+    good, missing, conflicting = (api.lease(f"a{i}", max_files=1) for i in (1, 2, 3))
+    staged = {
+        "good": api.stage(good),
+        "missing": lease_pb2.DataFile(path=f"{missing.target.staging_location}/never-written.parquet",
+                                      record_count=ROWS, size_bytes=100),
+        "conflicting": api.stage(conflicting, n_type=pa.string()),  # n as text: the table's n is a bigint
+    }  # fmt: skip
+    leases = {"good": good, "missing": missing, "conflicting": conflicting}
+    barrier = threading.Barrier(3)
+
+    leases_by_agent = {"good": "a1", "missing": "a2", "conflicting": "a3"}
+
+    def report_as_holder(key: str) -> Any:
+        barrier.wait(10)
+        return api.report_data(leases_by_agent[key], leases[key], [staged[key]])
+
+    calls = {key: in_thread(lambda key=key: report_as_holder(key)) for key in leases}
+    for thread, _ in calls.values():
+        thread.join(60)
+    replies = {}
+    for key, (_, out) in calls.items():
+        assert "error" not in out, (key, out.get("error"))
+        replies[key] = out["reply"]
+
+    assert states(replies["good"]) == succeeded(good.files)
+    by_lease = {c.lease_pk: c for c in api.commits()}
+    assert by_lease[lease_id(good)].state == "COMMITTED"
+    for key in ("missing", "conflicting"):
+        (result,) = replies[key].results
+        assert (result.file_state, result.lease_lost) == (File.STATE_FAILED, False), key
+        assert result.HasField("next_attempt_time"), key
+        row = api.file_row(leases[key].files[0].name)
+        assert (row.state, row.commit_pk, row.lease_pk, row.attempts) == ("FAILED", None, None, 1), key
+        assert row.last_error.startswith("CommitFailed"), (key, row.last_error)
+        intent = by_lease[lease_id(leases[key])]
+        assert intent.state == "ABORTED", key
+        assert intent.error, key
+    assert not local(staged["conflicting"]).exists()  # an aborted batch's data is removed
+    assert api.rows() == expected_rows(base.files, good.files)
+
+
+def test_the_orphan_sweep_spares_the_staged_data_of_pending_intents(make_plane: Callable[..., Plane]) -> None:
+    """After a long committer outage, more intents are pending than one commit takes, their data older than
+    orphan_age: the sweep after the first commit must not remove the data of the intents still pending."""
+    first_plane = make_plane()
+    first_plane.plane.committer.stop()  # the outage: intents pile up
+    group = MAX_INTENTS_PER_COMMIT
+    first_plane.running("backlog", group + 1, limits=ingestion_pb2.Limits(max_files_per_lease=group))
+    big = first_plane.lease("a1")
+    last = first_plane.lease("a2")
+    assert (len(big.files), len(last.files)) == (group, 1)
+    jobs = [("a1", big, f) for f in big.files]
+    staged = {
+        f.name: first_plane.stage(big, [f], name=f"p{f.name.rsplit('/', 1)[1]}/part-0.parquet") for f in big.files
+    }
+    staged[last.files[0].name] = first_plane.stage(last)
+
+    def report(job: tuple[str, lease_pb2.LeaseFilesResponse, lease_pb2.LeasedFile]) -> grpc.StatusCode:
+        agent, got, f = job
+        try:
+            first_plane.report_data(agent, got, [staged[f.name]], [f], timeout=0.8)
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = set(pool.map(report, jobs))
+    assert codes <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+    wait_for(lambda: len(first_plane.commits()) == group, 30, "the first lease's intents")
+    assert report(("a2", last, last.files[0])) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    wait_for(lambda: len(first_plane.commits()) == group + 1, 10, "the last intent")
+    # The outage lasted longer than orphan_age (6 h): the staged data is that old.
+    root = Path(big.target.staging_location.removeprefix("file://")).parent
+    long_ago = time.time() - 7 * 3600
+    for directory in root.iterdir():
+        os.utime(directory, (long_ago, long_ago))
+
+    second_plane = make_plane()  # default orphan_age and sweep interval
+    wait_for(lambda: all(c.state != "PENDING" for c in second_plane.commits()), 60, "every intent settled")
+
+    intents = second_plane.commits()
+    assert [c.state for c in intents].count("COMMITTED") == group + 1, {(c.state, c.error[:120]) for c in intents}
+    all_files = [*big.files, *last.files]
+    assert {r.state for r in second_plane.rows_of(all_files)} == {"SUCCEEDED"}
+    assert second_plane.rows() == expected_rows(all_files)
 
 
 # --- crash isolation -----------------------------------------------------------------------------------
