@@ -122,6 +122,27 @@ class SqlCommitRepository:
             for row in rows
         ]  # fmt: skip
 
+    def leases_pending(self, table: str) -> set[str]:
+        """Leases with intents still to commit to the table: their staged data is not orphaned, however old."""
+        rows = self._session.execute(
+            text("SELECT DISTINCT lease_pk FROM commits WHERE table_name = :table AND state = 'PENDING'"),
+            {"table": table},
+        ).scalars()
+        return {str(lease) for lease in rows}
+
+    def named_before(self, lease_id: uuid.UUID, paths: list[str]) -> list[str]:
+        """Which of these data files an earlier intent of the lease already carried."""
+        rows = self._session.execute(
+            text(
+                """
+                SELECT DISTINCT d->>'path' FROM commits c, jsonb_array_elements(c.data_files) d
+                WHERE c.lease_pk = :lease AND d->>'path' = ANY(CAST(:paths AS text[]))
+                """
+            ),
+            {"lease": lease_id, "paths": paths},
+        ).scalars()
+        return sorted(rows)
+
     def unmark_files(self, commit_id: uuid.UUID) -> None:
         """Files the intent's results did not reach (no longer LEASED by its lease) are free again."""
         self._session.execute(text("UPDATE files SET commit_pk = NULL WHERE commit_pk = :id"), {"id": commit_id})

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -199,8 +199,11 @@ class IcebergTables:
         for path in paths:
             files.remove(path)
 
-    def cleanup_orphans(self, name: str, older_than_seconds: float) -> int:
+    def cleanup_orphans(self, name: str, older_than_seconds: float, keep: Collection[str] = ()) -> int:
         """Deletes staging directories no snapshot references, older than the given age (local warehouses).
+
+        `keep` names lease directories to spare whatever their age: their data waits in a
+        pending intent (a committer outage longer than the age).
 
         The table's manifests are read only when some directory is old enough to be
         a candidate, and each manifest once, however many snapshots share it.
@@ -217,7 +220,10 @@ class IcebergTables:
         if not base.is_dir():
             return 0
         now = time.time()
-        candidates = [d for d in base.iterdir() if now - d.stat().st_mtime >= older_than_seconds]
+        spared = set(keep)
+        candidates = [
+            d for d in base.iterdir() if d.name not in spared and now - d.stat().st_mtime >= older_than_seconds
+        ]
         if not candidates:
             return 0
         referenced = {urlparse(f).path if "://" in f else f for f in _referenced_files(table)}

@@ -314,7 +314,9 @@ class CommitService:
             return
         self._swept[name] = now
         try:
-            removed = self.tables.cleanup_orphans(name, self._orphan_age)
+            with self._uow_factory() as uow:
+                pending = uow.commits.leases_pending(name)
+            removed = self.tables.cleanup_orphans(name, self._orphan_age, keep=pending)
         except Exception:
             log.exception("could not remove orphaned staging files", extra={"action": "commit.orphans"})
             return

@@ -345,6 +345,10 @@ class LeaseService:
             for r in successes
         ]  # fmt: skip
         if all(held) and all(files[r.file_id].commit_pk is None for r in successes):
+            # A data file is committed once: naming it again (a misbehaving agent) would add its rows twice.
+            if repeated := uow.commits.named_before(lease.id, [d.path for d in data_files]):
+                index = [d.path for d in data_files].index(repeated[0])
+                raise InvalidArgument.field(f"data_files[{index}].path", "was already committed by this lease")
             intent = CommitIntent(
                 id=uuid.uuid4(), ingestion_pk=lease.ingestion_pk, lease_id=lease.id, agent_id=lease.agent_id,
                 table_name=target.name,

@@ -541,7 +541,7 @@ def test_in_doubt_files_are_claimable_by_nobody_and_another_replica_commits_them
     assert sum(str(intent.id) in carried(s, COMMITS) for s in second_plane.snapshots()) >= 1
     with second_plane.engine.connect() as conn:
         owner = conn.execute(text("SELECT owner FROM table_committers WHERE table_name = :t"), {"t": TABLE}).scalar()
-    assert owner == second_plane.plane.committer._service.owner
+    assert owner == second_plane.plane.committer.service.owner
     # A retry on either replica gets the recorded answers.
     assert states(first_plane.report_data("a1", got, [data])) == succeeded(got.files)
     assert second_plane.rows() == expected_rows(base.files, got.files)
@@ -776,3 +776,20 @@ def test_expired_batches_shrink_and_only_solo_expiries_quarantine(make_plane: Ca
     # The second file expired three times, always with others: MAX_LEASE_EXPIRIES counts only solo expiries.
     assert api.file_row(claims[0][1]).lease_expiries == 3
     assert api.rows() == expected_rows(survivor_files)
+
+
+def test_a_data_file_is_committed_once_per_lease(make_plane: Callable[..., Plane]) -> None:
+    """An agent naming an already committed data file again (for another file of its lease) is refused:
+    adding the file twice would put its rows in the table twice."""
+    api = make_plane()
+    api.running("twice", 2)
+    got = api.lease("a1", max_files=2)
+    first, second = got.files
+    data = api.stage(got, [first])
+    assert states(api.report_data("a1", got, [data], [first])) == succeeded([first])
+    with pytest.raises(grpc.RpcError) as raised:
+        api.report_data("a1", got, [data], [second])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "data_files[0].path" in raised.value.details()
+    assert api.rows() == expected_rows([first])
+    assert api.file_row(second.name).state == "LEASED"
