@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import grpc
 import psutil
 import psycopg
+import pyarrow.parquet as pq
 import pytest
 
 from agent.main import control_plane_channel
@@ -40,6 +41,7 @@ from .test_agent_processes import (
     AgentProcess,
     AgentProcesses,
     assert_clean_log,
+    assert_table_equals_source,
     create,
     file_rows,
     free_address,
@@ -48,9 +50,6 @@ from .test_agent_processes import (
     start_run,
     wait_until,
     write_files,
-)
-from .test_agent_processes import (
-    assert_table_equals_source as assert_table_equals,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -161,17 +160,20 @@ def test_an_agent_paused_past_its_lease_is_fenced_and_the_newer_content_stands(
         make_plane(listen_address=second, lease_ttl=ttl)
         first = stack.wait(run, timeout=STARTUP + 60)
         assert first.state == Run.STATE_SUCCEEDED, (first, p2.tail())
-        assert_table_equals(stack, "e2e.paused", latest)
+        assert_table_equals_source(stack, "e2e.paused", latest)
         # The rewritten file changed after its discovery: the next run's discovery queues it again.
         second_run = stack.wait(start_run(stack, ingestion), timeout=120)
         assert second_run.state == Run.STATE_SUCCEEDED, (second_run, p2.tail())
         assert second_run.file_counts.total == second_run.file_counts.succeeded == 1, second_run
-        assert_table_equals(stack, "e2e.paused", latest)
+        assert_table_equals_source(stack, "e2e.paused", latest)
 
         # P1's staged data of the old version is still where it put it (nobody committed or removed it).
         location = local_path(str(stack.table("e2e.paused").location()))
         staging = location / "data" / "_staging" / str(lease)
-        assert parquet_under(staging), f"p1 staged nothing under {staging}: {p1.tail()}"
+        staged = pq.ParquetDataset([str(f) for f in parquet_under(staging)]).read().to_pylist()
+        assert Counter(r["_source_file"] for r in staged) == {uri: len(rows) for uri, rows in files.items()}, (
+            f"p1 did not stage the old contents under {staging}: {p1.tail()}"
+        )
         assert stopped(p1)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -182,7 +184,7 @@ def test_an_agent_paused_past_its_lease_is_fenced_and_the_newer_content_stands(
     assert "6 results were fenced" in p1.log(), p1.tail()
     assert "action=agent.fenced" in p1.log(), p1.tail()
 
-    assert_table_equals(stack, "e2e.paused", latest)
+    assert_table_equals_source(stack, "e2e.paused", latest)
     by_path = all_files(stack, ingestion)
     assert {uri: (f.state, f.records) for uri, f in by_path.items()} == {
         uri: (File.STATE_SUCCEEDED, len(rows)) for uri, rows in latest.items()
@@ -288,9 +290,7 @@ def test_a_control_plane_crash_at_each_commit_step_loads_every_file_exactly_once
     Restarted on the same address without the fault, it finishes (or recognises) the commit in
     doubt; the agent retries its report meanwhile and keeps its lease (TTL 30 s).
     """
-    t0 = time.monotonic()
     served.start(fault)
-    print("DEBUG served", time.monotonic() - t0)
     channel = control_plane_channel(served.address)
     stack = Stack(served, database_url, workdir, spark, channel)  # type: ignore[arg-type]
     try:
@@ -306,7 +306,6 @@ def test_a_control_plane_crash_at_each_commit_step_loads_every_file_exactly_once
         except subprocess.TimeoutExpired:
             raise AssertionError(f"serve did not crash at {fault}:\n{served.log()}") from None
         assert code == 17, served.log()
-        print("DEBUG crashed", time.monotonic() - t0)
         assert f"test fault: exiting at {fault}" in served.log()
 
         # What the crash left: one intent (the first report's), in the state of its step.
@@ -323,14 +322,11 @@ def test_a_control_plane_crash_at_each_commit_step_loads_every_file_exactly_once
             assert (state, landed, held) == ("COMMITTED", 1, 0)
 
         served.start()  # same address, same database, no fault
-        print("DEBUG restarted", time.monotonic() - t0)
         final = wait_run(stack, run, timeout=180)
-        print("DEBUG done", time.monotonic() - t0)
-        print(served.log())
         assert final.state == Run.STATE_SUCCEEDED, (final, served.log())
         assert final.file_counts.succeeded == final.file_counts.total == len(files)
         assert final.records == sum(sizes)
-        assert_table_equals(stack, table_name, files)
+        assert_table_equals_source(stack, table_name, files)
         by_path = all_files(stack, ingestion)
         assert not [p for p, f in by_path.items() if f.state == File.STATE_LEASED]
         assert {p: f.records for p, f in by_path.items()} == {p: len(rows) for p, rows in files.items()}
@@ -343,9 +339,10 @@ def test_a_control_plane_crash_at_each_commit_step_loads_every_file_exactly_once
         assert snapshots_carrying(table, commit_id) == 1, [s.summary for s in table.snapshots()]
         for (other,) in sql(database_url, "SELECT id FROM commits"):
             assert snapshots_carrying(table, str(other)) == 1, other
-        if fault != "plane_after_intent":
-            assert "action=commit.recognised" in served.log() or fault == "plane_after_settle", served.log()
-        assert "Traceback" not in served.log(), served.log()
+        if fault == "plane_after_iceberg_commit":
+            assert "action=commit.recognised" in served.log(), served.log()
+        for log in served.logs:
+            assert "Traceback" not in log.read_text(), log.read_text()
     finally:
         stack.stop_agents()
         channel.close()
@@ -437,7 +434,7 @@ def test_four_agents_on_one_table_share_commits(
     elapsed = time.monotonic() - started
     assert final.state == Run.STATE_SUCCEEDED, final
     assert final.file_counts.succeeded == final.file_counts.total == len(files)
-    assert_table_equals(stack, "e2e.group", files)
+    assert_table_equals_source(stack, "e2e.group", files)
 
     outcomes = dict(sql(database_url, "SELECT outcome, count(*) FROM file_attempts GROUP BY outcome"))
     assert outcomes == {"SUCCEEDED": len(files)}, outcomes  # nothing FAILED, expired or released
