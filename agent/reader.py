@@ -149,7 +149,10 @@ def read_batch(
         inferred = data_schema if data_schema is not None else read(plain_paths).schema
         assert scratch is not None
         df = read(plain_paths, _with_partition_columns(spark, inferred), basePath=str(scratch))
-        df = df.drop(*[c for c in df.columns if c.startswith(_SHADOWED)])
+        # Spark appends partition columns in the order the directories nest (layout.NESTING); this
+        # projection folds into align's.
+        data = [c for c in df.columns if c not in METADATA_COLUMNS and not c.startswith(_SHADOWED)]
+        df = df.select(*[F.col("`{}`".format(c.replace("`", "``"))) for c in data], *METADATA_COLUMNS)
     else:
         df = _with_source_columns(spark, read(plain_paths), files, ingested_at)
     if rescue and _CORRUPT in df.columns:
