@@ -1,8 +1,9 @@
 """A batch's files under directories that name their metadata columns' values.
 
-Spark reads `root/_source_file=V/_source_modified_at=V/_ingested_at=V/_run=V/name` with
+Spark reads `root/_ingested_at=V/_run=V/_source_file=V/_source_modified_at=V/name` with
 those four as partition columns: constants of the file, which the scan appends to each
-row as it appends `_metadata`, at no cost per row. Attaching them by joining every row's
+row as it appends `_metadata`, at no cost per row (in the order they nest: the reader puts
+them back in PARTITION_COLUMNS' order). Attaching them by joining every row's
 path to the batch's files cost a third of the write (docs/benchmarks.md).
 
 The directories hold symbolic links to the files, so nothing is copied, named so that
@@ -14,22 +15,29 @@ the reader attaches the columns by the join instead.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-# In the order they nest, which is the order Spark appends them in.
 PARTITION_COLUMNS = (
     ("_source_file", "string"),
     ("_source_modified_at", "timestamp"),
     ("_ingested_at", "timestamp"),
     ("_run", "string"),
 )
+# How they nest (indexes into PARTITION_COLUMNS): a batch's files share their _ingested_at and
+# _run, so outermost those are two directories for the batch and each file adds two, not four.
+# Each directory is a metadata write the file system journals, and a busy disk makes those
+# cost a millisecond each.
+NESTING = (2, 3, 0, 1)
 NULL = "__HIVE_DEFAULT_PARTITION__"  # how Spark names a null partition value
 _MAX_NAME_BYTES = 255
 # Spark unescapes %XX in partition directory names, one byte to one character: every ASCII
 # character but these is escaped, and non-ASCII ones are left as they are.
-_UNSAFE = re.compile(r"[^A-Za-z0-9._\-\x80-\U0010ffff]")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_ESCAPES = {code: f"%{code:02X}" for code in range(128) if chr(code) not in _SAFE}
 _EXTENSION = re.compile(r"\.[A-Za-z0-9]+")
 
 
@@ -43,7 +51,7 @@ def directory_name(column: str, value: str | None, utf8_names: bool = False) -> 
         return f"{column}={NULL}"
     if not (value.isascii() or utf8_names):
         return None
-    name = f"{column}={_UNSAFE.sub(lambda m: f'%{ord(m.group(0)):02X}', value)}"
+    name = f"{column}={value.translate(_ESCAPES)}"
     return name if len(name.encode("utf-8", "surrogatepass")) <= _MAX_NAME_BYTES else None
 
 
@@ -69,15 +77,24 @@ def lay_out(files: list[tuple[str, tuple[str | None, ...]]], root: Path, utf8_na
         ]
         if any(part is None for part in parts) or not Path(path).is_absolute():
             return None
-        names.append((path, parts))
+        names.append((path, [parts[i] for i in NESTING]))
+    root.mkdir(parents=True, exist_ok=True)
     links = []
+    made: set[str] = set()
     for index, (path, parts) in enumerate(names):
-        directory = root.joinpath(*parts)  # type: ignore[arg-type]  # no None left
-        directory.mkdir(parents=True, exist_ok=True)
+        # os and strings, not pathlib (parents=True tries each missing level twice): this runs for
+        # every file of every batch.
+        directory = str(root)
+        for part in parts:
+            directory = f"{directory}/{part}"
+            if directory not in made:
+                with contextlib.suppress(FileExistsError):  # the same file twice in a batch
+                    os.mkdir(directory)
+                made.add(directory)
         # Named by position: Hadoop cannot read a name with ':' (or '?', '#'), common in object
         # keys. The extension stays: it names the codec (.gz, .bz2).
-        suffix = Path(path).suffix
-        link = directory / f"{index}{suffix if _EXTENSION.fullmatch(suffix) else ''}"
-        link.symlink_to(path)
-        links.append(str(link))
+        suffix = os.path.splitext(path)[1]
+        link = f"{directory}/{index}{suffix if _EXTENSION.fullmatch(suffix) else ''}"
+        os.symlink(path, link)
+        links.append(link)
     return links

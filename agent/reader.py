@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from agent.layout import PARTITION_COLUMNS, lay_out, timestamp_value
-from agent.sampling import sample_paths
+from agent.sampling import pooled_sample
 from autoloader.v1 import ingestion_pb2
 
 Format = ingestion_pb2.Format
@@ -149,7 +149,10 @@ def read_batch(
         inferred = data_schema if data_schema is not None else read(plain_paths).schema
         assert scratch is not None
         df = read(plain_paths, _with_partition_columns(spark, inferred), basePath=str(scratch))
-        df = df.drop(*[c for c in df.columns if c.startswith(_SHADOWED)])
+        # Spark appends partition columns in the order the directories nest (layout.NESTING); this
+        # projection folds into align's.
+        data = [c for c in df.columns if c not in METADATA_COLUMNS and not c.startswith(_SHADOWED)]
+        df = df.select(*[F.col("`{}`".format(c.replace("`", "``"))) for c in data], *METADATA_COLUMNS)
     else:
         df = _with_source_columns(spark, read(plain_paths), files, ingested_at)
     if rescue and _CORRUPT in df.columns:
@@ -217,7 +220,7 @@ def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], s
 
     rescue = schema.evolution == Schema.EVOLUTION_RESCUE
     with tempfile.TemporaryDirectory(prefix="autoloader-sample-") as scratch:
-        sample = sample_paths(paths, sample_bytes, Path(scratch))
+        sample = pooled_sample(paths, sample_bytes, Path(scratch), _parallelism(spark))
         inferred = _with_options(spark.read, fmt, rescue).json([_glob_escaped(p) for p in sample]).schema
     present = {name.lower() for name in inferred.fieldNames()}
     missing = {name: type_ for name, type_ in schema.hints.items() if name.lower() not in present}
@@ -228,6 +231,14 @@ def _sampled_schema(spark: Any, fmt: Format, schema: Schema, paths: list[str], s
     if rescue and _CORRUPT not in inferred.fieldNames():
         inferred = inferred.add(_CORRUPT, StringType())
     return inferred
+
+
+def _parallelism(spark: Any) -> int:
+    """How many tasks Spark runs at once here: one pool of heads for each (Spark Connect: 2)."""
+    try:
+        return max(1, int(spark.sparkContext.defaultParallelism))
+    except Exception:  # Spark Connect has no SparkContext
+        return 2
 
 
 def _with_source_columns(spark: Any, df: Any, files: list[SourceFile], ingested_at: datetime) -> Any:

@@ -26,6 +26,7 @@ HEAD_BYTES = 64 * 1024
 _PYTHON_CODECS = (".gz", ".bz2", ".deflate")
 # ...and not these (without extra packages): such files are sampled whole.
 _OTHER_CODECS = (".lz4", ".snappy", ".zst", ".zstd", ".br")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def sample_paths(paths: list[str], head_bytes: int, scratch: Path) -> list[str]:
@@ -33,26 +34,73 @@ def sample_paths(paths: list[str], head_bytes: int, scratch: Path) -> list[str]:
     sample = []
     for i, path in enumerate(paths):
         extension = os.path.splitext(path)[1].lower()
-        compressed = extension in _PYTHON_CODECS
-        if extension in _OTHER_CODECS or (not compressed and os.path.getsize(path) <= head_bytes):
+        if extension in _OTHER_CODECS or (extension not in _PYTHON_CODECS and os.path.getsize(path) <= head_bytes):
             sample.append(path)
             continue
-        try:
-            head = _head(path, extension, head_bytes + 1)
-        except (OSError, EOFError, zlib.error):
-            # Truncated or not what its name says: Spark's reading of the whole file reports it.
+        head = _sample_of(path, head_bytes)
+        if head is None:
             sample.append(path)
             continue
-        if len(head) > head_bytes:
-            cut = head.rfind(b"\n", 0, head_bytes)
-            if cut < 0:  # one line longer than the head: the whole file is the sample
-                sample.append(path)
-                continue
-            head = head[: cut + 1]
         target = scratch / f"{i:06d}.json"  # decompressed: no codec extension
         target.write_bytes(head)
         sample.append(str(target))
     return sample
+
+
+def pooled_sample(paths: list[str], head_bytes: int, scratch: Path, pools: int = 1) -> list[str]:
+    """The same sample as sample_paths, in as few files as it can: every head Python reads is
+    appended, as whole lines, to one of `pools` files under scratch.
+
+    Spark opens, lists and schedules each file it infers from: for a thousand files of 10 KB
+    that cost ten times the parsing (2.4 s against 0.3 s for the same bytes in one file).
+    A schema inferred from JSON lines does not depend on which file a line is in: Spark
+    merges the records' types in whatever grouping of files into tasks it picks. The files
+    Python cannot sample stay in the list, for Spark to read whole.
+    """
+    sample: list[str] = []
+    targets = [scratch / f"pool-{i:03d}.json" for i in range(max(1, pools))]
+    outs = [target.open("wb") for target in targets]
+    written = [0] * len(outs)
+    try:
+        for path in paths:
+            head = _sample_of(path, head_bytes)
+            if head is None:
+                sample.append(path)
+                continue
+            if head.startswith(_UTF8_BOM):
+                # Hadoop skips a byte-order mark at the start of a file, not inside one.
+                head = head[len(_UTF8_BOM) :]
+            if not head:
+                continue
+            pool = written.index(min(written))
+            outs[pool].write(head)
+            if not head.endswith((b"\n", b"\r")):  # a last line without its newline
+                outs[pool].write(b"\n")
+            written[pool] += len(head)
+    finally:
+        for out in outs:
+            out.close()
+    filled = [str(t) for t, n in zip(targets, written, strict=True) if n]
+    # Only empty files: Spark infers from an empty one what it infers from them.
+    return (filled + sample) or [str(targets[0])]
+
+
+def _sample_of(path: str, head_bytes: int) -> bytes | None:
+    """The file's head as whole lines, decompressed; None when Spark must read the whole file."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension in _OTHER_CODECS:
+        return None
+    try:
+        head = _head(path, extension, head_bytes + 1)
+    except (OSError, EOFError, zlib.error):
+        # Truncated or not what its name says: Spark's reading of the whole file reports it.
+        return None
+    if len(head) > head_bytes:
+        cut = head.rfind(b"\n", 0, head_bytes)
+        if cut < 0:  # one line longer than the head: the whole file is the sample
+            return None
+        head = head[: cut + 1]
+    return head
 
 
 def _head(path: str, extension: str, size: int) -> bytes:

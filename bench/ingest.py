@@ -1,7 +1,8 @@
 """Ingestion throughput through control plane + agent vs plain Spark on the same data.
 
-    python bench/ingest.py            # ~200 MB of JSON lines in 50 files (best of 5), and 2,000 files of 10 KB
-    python bench/ingest.py --quick    # ~12 MB in 8 files, and 100 files of 10 KB (about a minute)
+    python bench/ingest.py            # ~200 MB of JSON lines in 50 files (best of 5), and 5,000 files of 10 KB
+    python bench/ingest.py --quick    # ~12 MB in 8 files, and 1,000 files of 10 KB (about a minute)
+    python bench/ingest.py --max-files-per-lease 1000   # the ingestion's limits.max_files_per_lease
 
 "ours" runs a real control plane (embedded PostgreSQL) and one agent in this process: StartRun,
 discovery, leases, Spark reading the files, Parquet staged in the table's location, one Iceberg
@@ -12,7 +13,8 @@ JVM is warm for both; each side runs once to warm up first). Each side infers th
 does by default: the agent from the first 64 KiB of every file, plain Spark from every row. The
 large files go through both sides several times, alternating, and each side's best time counts:
 single runs on a shared 2-core machine vary by a third. Printed: MB/s and files/s for both, and the
-ratios; the BENCH line is the large-file MB/s figure.
+ratios. Two BENCH lines: `ingest_small` (files/s over the small files) and then `ingest` (MB/s over
+the large ones).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def write_files(directory: Path, files: int, bytes_per_file: int, seed: int) -> 
     return total
 
 
-def ours(address: str, source: Path, ingestion_id: str, table: str) -> float:
+def ours(address: str, source: Path, ingestion_id: str, table: str, files_per_lease: int = 0) -> float:
     """Seconds from the run's creation (StartRun) to its end, as the control plane recorded them."""
     with grpc.insecure_channel(address) as channel:
         ingestion_pb2_grpc.IngestionServiceStub(channel).CreateIngestion(
@@ -72,6 +74,7 @@ def ours(address: str, source: Path, ingestion_id: str, table: str) -> float:
                     source=pb.Source(uri=source.as_uri(), glob="*.json"),
                     format=pb.Format(type=pb.Format.TYPE_JSON),
                     destination=pb.Destination(table=table),
+                    limits=pb.Limits(max_files_per_lease=files_per_lease),  # 0: the default (100)
                 ),
             )
         )
@@ -95,12 +98,17 @@ def baseline(spark: object, source: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="~12 MB in 8 files and 100 small files")
+    parser.add_argument("--quick", action="store_true", help="~12 MB in 8 files and 1,000 small files")
     parser.add_argument("--rounds", type=int, default=0, help="large-file rounds per side, best kept (5; quick: 2)")
+    parser.add_argument("--small-rounds", type=int, default=1, help="small-file rounds per side, best kept (1)")
+    parser.add_argument("--small-files", type=int, default=0, help="how many 10 KB files (5,000; quick: 1,000)")
+    parser.add_argument(
+        "--max-files-per-lease", type=int, default=0, help="the ingestions' limits.max_files_per_lease (default 100)"
+    )
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
     large_files, large_bytes = (8, 1_500_000) if args.quick else (50, 4_000_000)
-    small_files, small_bytes = (100, 10_000) if args.quick else (2_000, 10_000)
+    small_files, small_bytes = (args.small_files or (1_000 if args.quick else 5_000)), 10_000
     warmup_files, warmup_bytes = (2, 500_000) if args.quick else (4, 1_000_000)
 
     from autoloader import logs
@@ -123,14 +131,16 @@ def main() -> None:
         agent = start_agent(plane.address, work / "state", lease_wait=1.0)
         spark = agent.worker._spark
         for label, files, rounds in (("warmup", warmup_files, 1), ("large", large_files, args.rounds),
-                                     ("small", small_files, 1)):  # fmt: skip
+                                     ("small", small_files, args.small_rounds)):  # fmt: skip
             times_base, times_ours = [], []
             for r in range(rounds):
                 # Baseline first: the JVM's JIT warms up on the earlier job, which favours the later one.
                 times_base.append(baseline(spark, work / label / "base", work / "out" / f"{label}-{r}"))
                 # A new ingestion (and table) each round: the files are new to it.
                 source = work / label / "ours"
-                times_ours.append(ours(plane.address, source, f"bench-{label}-{r}", f"bench.{label}_{r}"))
+                times_ours.append(
+                    ours(plane.address, source, f"bench-{label}-{r}", f"bench.{label}_{r}", args.max_files_per_lease)
+                )
             t_ours, t_base = min(times_ours), min(times_base)
             results[label] = (t_ours, t_base, sets[(label, "ours")], files)
             if label != "warmup":
@@ -147,6 +157,11 @@ def main() -> None:
             agent.stop()
         plane.stop(grace=0)
         shutil.rmtree(work, ignore_errors=True)
+    t_ours, t_base, _, files = results["small"]
+    print(
+        f"BENCH ingest_small ours={files / t_ours:.2f} baseline={files / t_base:.2f} ratio={t_base / t_ours:.3f} "
+        "unit=files/s"
+    )
     t_ours, t_base, size, _ = results["large"]
     mb = size / 1e6
     print(f"BENCH ingest ours={mb / t_ours:.2f} baseline={mb / t_base:.2f} ratio={t_base / t_ours:.3f} unit=MB/s")

@@ -6,7 +6,7 @@ import urllib.parse
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-from agent.layout import NULL, PARTITION_COLUMNS, directory_name, lay_out, timestamp_value
+from agent.layout import NESTING, NULL, PARTITION_COLUMNS, directory_name, lay_out, timestamp_value
 
 VALUES = ("file:///src/a.json", "2024-05-01 12:00:00.000000+00:00", "2026-11-30 01:02:03.456789+00:00", "run-1")
 
@@ -51,7 +51,7 @@ def test_files_are_linked_under_their_values_directories_in_column_order(tmp_pat
     assert links is not None
     for link, source in zip(links, sources, strict=True):
         parts = Path(link).relative_to(root).parts
-        assert [p.partition("=")[0] for p in parts[:-1]] == [name for name, _ in PARTITION_COLUMNS]
+        assert [p.partition("=")[0] for p in parts[:-1]] == [PARTITION_COLUMNS[i][0] for i in NESTING]
         assert Path(link).is_symlink()
         assert Path(link).resolve() == source.resolve()
     # Named by position, keeping the extension (the codec) when it is one.

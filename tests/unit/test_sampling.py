@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sampling import sample_paths
+from agent.sampling import pooled_sample, sample_paths
 
 LINES = b"".join(b'{"id": %d, "note": "%s"}\n' % (i, b"x" * 20) for i in range(100))
 
@@ -77,3 +77,34 @@ def test_each_file_has_its_own_head(tmp_path: Path, scratch: Path) -> None:
     assert len(set(heads)) == 2
     assert b'"note"' in Path(heads[0]).read_bytes()
     assert b'"other"' in Path(heads[1]).read_bytes()
+
+
+def test_pooled_heads_are_the_same_lines_in_as_many_files_as_pools(tmp_path: Path, scratch: Path) -> None:
+    small = write(tmp_path / "small.json", b"\xef\xbb\xbf" + LINES[:200].rstrip(b"\n"))  # BOM, no final newline
+    big = write(tmp_path / "big.json", LINES)
+    packed = write(tmp_path / "a.json.gz", gzip.compress(LINES))
+    empty = write(tmp_path / "empty.json", b"")
+    pooled = pooled_sample([small, big, packed, empty], 1000, scratch, pools=2)
+    assert len(pooled) == 2
+    assert all(Path(p).parent == scratch for p in pooled)
+    lines = sorted(b"".join(Path(p).read_bytes() for p in pooled).splitlines(keepends=True))
+    (tmp_path / "heads").mkdir()
+    heads = [Path(p).read_bytes() for p in sample_paths([big, packed], 1000, tmp_path / "heads")]
+    expected = LINES[:200].rstrip(b"\n") + b"\n" + b"".join(heads)  # the BOM is Hadoop's to skip, and skipped
+    assert lines == sorted(expected.splitlines(keepends=True))
+
+
+def test_pooling_leaves_to_spark_the_files_python_cannot_sample(tmp_path: Path, scratch: Path) -> None:
+    truncated = write(tmp_path / "cut.json.gz", gzip.compress(LINES)[:30])
+    other_codec = write(tmp_path / "a.json.zst", b"\x28\xb5\x2f\xfd" + LINES)
+    one_long_line = write(tmp_path / "long.json", b'{"note": "' + b"y" * 5000 + b'"}\n')
+    small = write(tmp_path / "small.json", LINES[: LINES.index(b"\n") + 1])
+    pooled = pooled_sample([truncated, other_codec, one_long_line, small], 1000, scratch, pools=4)
+    assert pooled[1:] == [truncated, other_codec, one_long_line]
+    assert Path(pooled[0]).read_bytes() == LINES[: LINES.index(b"\n") + 1]
+
+
+def test_a_batch_of_empty_files_pools_into_one_empty_file(tmp_path: Path, scratch: Path) -> None:
+    empty = write(tmp_path / "empty.json", b"")
+    (pooled,) = pooled_sample([empty, empty], 1000, scratch, pools=2)
+    assert Path(pooled).read_bytes() == b""
