@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -230,7 +231,10 @@ class Worker:
         if type(self._spark).__module__.startswith("pyspark.sql.connect"):
             yield None  # a Spark Connect server may run elsewhere
             return
-        with tempfile.TemporaryDirectory(prefix="autoloader-batch-") as root:
+        # Links and directories only, on tmpfs when there is one: a busy disk journals each of these
+        # metadata writes at up to a millisecond (1,000 links took 1.4-3.6 s on disk, 80 ms on tmpfs).
+        scratch = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None  # noqa: S108 - a private mkdtemp
+        with tempfile.TemporaryDirectory(prefix="autoloader-batch-", dir=scratch) as root:
             yield Path(root)
 
     def _ingest(

@@ -36,7 +36,7 @@ from autoloader.v1 import ingestion_pb2 as pb
 from autoloader.v1 import ingestion_pb2_grpc, lease_pb2, lease_pb2_grpc, run_pb2, run_pb2_grpc
 
 INGESTION = "lease-bench"
-BATCH = 100  # files per lease, both sides (the default max_files_per_lease)
+BATCH = 100  # files per lease, both sides
 SUCCEEDED = lease_pb2.ReportFileResultRequest.OUTCOME_SUCCEEDED
 
 _REPORT = """

@@ -118,7 +118,9 @@ class Schedule(_Value):
     time_zone: str = "UTC"
 
 
-DEFAULT_MAX_FILES_PER_LEASE = 100
+# Small files cost a batch's fixed costs (two Spark jobs, a commit) per lease: 1,000 amortizes them
+# (as Databricks' maxFilesPerTrigger); maxBytesPerLease bounds a batch of large files.
+DEFAULT_MAX_FILES_PER_LEASE = 1000
 DEFAULT_MAX_BYTES_PER_LEASE = 1 << 30
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_BACKOFF_INITIAL = timedelta(seconds=30)

@@ -119,6 +119,39 @@ def all_files(stack: Stack, ingestion: str) -> dict[str, File]:
     return {f.path: f for f in stack.list_files(ingestion)}
 
 
+def explain(stack: Stack, *processes: AgentProcess) -> str:
+    """What the database and the table say, for a failure's message."""
+    lines = ["commits (id, lease, state, data files):"]
+    for row in sql(stack.database_url, "SELECT id, lease_pk, state, data_files FROM commits ORDER BY create_time"):
+        lines.append(f"  {row[0]} {row[1]} {row[2]} {[d.get('path') for d in row[3]]}")
+    lines.append("leases (id, agent):")
+    lines += [
+        f"  {r[0]} {r[1]}" for r in sql(stack.database_url, "SELECT id, agent_id FROM leases ORDER BY create_time")
+    ]
+    lines.append("files (path, state, size, records, lease, commit):")
+    for row in sql(stack.database_url, "SELECT path, state, size_bytes, records, lease_pk, commit_pk FROM files"):
+        lines.append(f"  {row}")
+    with contextlib.suppress(Exception):
+        for snapshot in stack.table(stack_table(stack)).snapshots():
+            summary = snapshot.summary
+            lines.append(f"snapshot {snapshot.snapshot_id} {summary.operation if summary else ''} "
+                         f"{carried(snapshot, LEASES_PROPERTY)} {carried(snapshot, COMMITS_PROPERTY)}")  # fmt: skip
+    return "\n".join(lines + [p.tail(40) for p in processes])
+
+
+def stack_table(stack: Stack) -> str:
+    (name,) = {row[0] for row in sql(stack.database_url, "SELECT table_name FROM commits")} or {""}
+    return str(name)
+
+
+@contextlib.contextmanager
+def explained(stack: Stack, *processes: AgentProcess) -> Iterator[None]:
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{explain(stack, *processes)}") from None
+
+
 # --- 1. the adversary: a paused agent past its lease, a newer version loaded meanwhile -----------
 
 
@@ -160,7 +193,8 @@ def test_an_agent_paused_past_its_lease_is_fenced_and_the_newer_content_stands(
         make_plane(listen_address=second, lease_ttl=ttl)
         first = stack.wait(run, timeout=STARTUP + 60)
         assert first.state == Run.STATE_SUCCEEDED, (first, p2.tail())
-        assert_table_equals_source(stack, "e2e.paused", latest)
+        with explained(stack, p1, p2):
+            assert_table_equals_source(stack, "e2e.paused", latest)
         # The rewritten file changed after its discovery: the next run's discovery queues it again.
         second_run = stack.wait(start_run(stack, ingestion), timeout=120)
         assert second_run.state == Run.STATE_SUCCEEDED, (second_run, p2.tail())

@@ -102,7 +102,7 @@ def test_get_returns_what_create_returned(ingestions: Stub) -> None:
 
 def test_defaults_are_filled_in(ingestions: Stub) -> None:
     created = _create(ingestions, schedule=pb.Schedule(cron="0 * * * *"))
-    assert created.limits == pb.Limits(max_files_per_lease=100, max_bytes_per_lease=GIB, max_attempts=5)
+    assert created.limits == pb.Limits(max_files_per_lease=1000, max_bytes_per_lease=GIB, max_attempts=5)
     assert created.error_policy.retry_backoff_initial == Duration(seconds=30)
     assert created.error_policy.retry_backoff_max == Duration(seconds=3600)
     assert created.schedule == pb.Schedule(cron="0 * * * *", time_zone="UTC")
@@ -118,7 +118,7 @@ def test_partial_limits_keep_given_values(ingestions: Stub) -> None:
         limits=pb.Limits(max_attempts=9),
         error_policy=pb.ErrorPolicy(retry_backoff_initial=Duration(seconds=5)),
     )
-    assert created.limits == pb.Limits(max_files_per_lease=100, max_bytes_per_lease=GIB, max_attempts=9)
+    assert created.limits == pb.Limits(max_files_per_lease=1000, max_bytes_per_lease=GIB, max_attempts=9)
     assert created.error_policy.retry_backoff_initial == Duration(seconds=5)
     assert created.error_policy.retry_backoff_max == Duration(seconds=3600)
 
@@ -400,7 +400,7 @@ def test_mask_message_replaces_the_whole_message(ingestions: Stub) -> None:
     _csv_ingestion(ingestions)
     updated = _update(ingestions, pb.Ingestion(limits=pb.Limits(max_bytes_per_lease=4096)), "limits")
     # Unset subfields take their defaults, they do not keep the old values.
-    assert updated.limits == pb.Limits(max_files_per_lease=100, max_bytes_per_lease=4096, max_attempts=5)
+    assert updated.limits == pb.Limits(max_files_per_lease=1000, max_bytes_per_lease=4096, max_attempts=5)
 
 
 def test_mask_format_replaces_csv_options(ingestions: Stub) -> None:

@@ -393,7 +393,7 @@ def test_update_of_a_whole_message_refills_defaults(service: IngestionService, u
     seeded = make_ingestion()
     uow.seed(seeded.model_copy(update={"spec": make_spec(limits=Limits(max_files_per_lease=7)).with_defaults()}))
     updated = service.update(TENANT, "orders", IngestionSpec(limits=Limits(max_attempts=9)), ["limits"])
-    assert updated.spec.limits == Limits(max_files_per_lease=100, max_bytes_per_lease=1 << 30, max_attempts=9)
+    assert updated.spec.limits == Limits(max_files_per_lease=1000, max_bytes_per_lease=1 << 30, max_attempts=9)
 
 
 def test_update_that_fails_validation_commits_nothing(service: IngestionService, uow: FakeUnitOfWork) -> None:
