@@ -2,12 +2,13 @@
 
     python bench/ingest.py            # ~200 MB of JSON lines in 50 files (best of 5), and 5,000 files of 10 KB
     python bench/ingest.py --quick    # ~12 MB in 8 files, and 1,000 files of 10 KB (about a minute)
-    python bench/ingest.py --max-files-per-lease 1000   # the ingestion's limits.max_files_per_lease
+    python bench/ingest.py --max-files-per-lease 100    # the ingestion's limits.max_files_per_lease
 
 "ours" runs a real control plane (embedded PostgreSQL) and one agent in this process: StartRun,
-discovery, leases, Spark reading the files, Parquet staged in the table's location, one Iceberg
-commit per batch (delete the batch's source files' rows + add the files), and the reports, timed
-from the run's create_time to its end_time as the control plane records them. "baseline" is
+discovery, leases, Spark reading the files, Parquet staged under the lease's staging location, the
+reports with the staged files, and the control plane's commits (the batches pending for a table in
+one Iceberg transaction: delete their source files' rows, add the files), timed from the run's
+create_time to its end_time as the control plane records them. "baseline" is
 `spark.read.json(dir).write.parquet(out)` on the same files with the same Spark session (so the
 JVM is warm for both; each side runs once to warm up first). Each side infers the JSON schema as it
 does by default: the agent from the first 64 KiB of every file, plain Spark from every row. The
@@ -103,7 +104,10 @@ def main() -> None:
     parser.add_argument("--small-rounds", type=int, default=1, help="small-file rounds per side, best kept (1)")
     parser.add_argument("--small-files", type=int, default=0, help="how many 10 KB files (5,000; quick: 1,000)")
     parser.add_argument(
-        "--max-files-per-lease", type=int, default=0, help="the ingestions' limits.max_files_per_lease (default 100)"
+        "--max-files-per-lease",
+        type=int,
+        default=0,
+        help="the ingestions' limits.max_files_per_lease (default: the control plane's, 1,000)",
     )
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -144,6 +148,13 @@ def main() -> None:
             t_ours, t_base = min(times_ours), min(times_base)
             results[label] = (t_ours, t_base, sets[(label, "ours")], files)
             if label != "warmup":
+                # The committer's work for the set: snapshots per 1,000 files, commit conflicts.
+                snapshots = sum(len(plane.tables.load(f"bench.{label}_{r}").snapshots()) for r in range(rounds))
+                stats = plane.committer.service.stats
+                print(
+                    f"{label}: {snapshots * 1000 / (files * rounds):.1f} snapshots per 1,000 files; committer so far: "
+                    f"{stats.commits} commits of {stats.batches} batches, {stats.conflicts} conflicts"
+                )
                 mb = sets[(label, "ours")] / 1e6
                 print(
                     f"{label}: {files} files, {mb:,.1f} MB, best of {rounds}: ours {mb / t_ours:,.1f} MB/s "
