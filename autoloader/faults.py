@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -36,4 +37,6 @@ def pause_point(point: str) -> None:
     if os.environ.get(PAUSE_VARIABLE) == point:
         del os.environ[PAUSE_VARIABLE]
         log.warning("test pause: stopping at %s", point, extra={"action": "test.pause"})
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # To this thread: the stop then takes effect before it runs another line (every thread stops).
+        # os.kill() lets any thread take the signal, and this one could send its report meanwhile.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

@@ -119,11 +119,12 @@ def all_files(stack: Stack, ingestion: str) -> dict[str, File]:
     return {f.path: f for f in stack.list_files(ingestion)}
 
 
-def explain(stack: Stack, *processes: AgentProcess) -> str:
+def explain(stack: Stack, table: str, *processes: AgentProcess) -> str:
     """What the database and the table say, for a failure's message."""
-    lines = ["commits (id, lease, state, data files):"]
-    for row in sql(stack.database_url, "SELECT id, lease_pk, state, data_files FROM commits ORDER BY create_time"):
-        lines.append(f"  {row[0]} {row[1]} {row[2]} {[d.get('path') for d in row[3]]}")
+    lines = ["commits (id, lease, state, created, data files):"]
+    query = "SELECT id, lease_pk, state, create_time, data_files FROM commits ORDER BY create_time"
+    for row in sql(stack.database_url, query):
+        lines.append(f"  {row[0]} {row[1]} {row[2]} {row[3]} {[d.get('path') for d in row[4]]}")
     lines.append("leases (id, agent):")
     lines += [
         f"  {r[0]} {r[1]}" for r in sql(stack.database_url, "SELECT id, agent_id FROM leases ORDER BY create_time")
@@ -132,24 +133,19 @@ def explain(stack: Stack, *processes: AgentProcess) -> str:
     for row in sql(stack.database_url, "SELECT path, state, size_bytes, records, lease_pk, commit_pk FROM files"):
         lines.append(f"  {row}")
     with contextlib.suppress(Exception):
-        for snapshot in stack.table(stack_table(stack)).snapshots():
+        for snapshot in stack.table(table).snapshots():
             summary = snapshot.summary
             lines.append(f"snapshot {snapshot.snapshot_id} {summary.operation if summary else ''} "
                          f"{carried(snapshot, LEASES_PROPERTY)} {carried(snapshot, COMMITS_PROPERTY)}")  # fmt: skip
     return "\n".join(lines + [p.tail(40) for p in processes])
 
 
-def stack_table(stack: Stack) -> str:
-    (name,) = {row[0] for row in sql(stack.database_url, "SELECT table_name FROM commits")} or {""}
-    return str(name)
-
-
 @contextlib.contextmanager
-def explained(stack: Stack, *processes: AgentProcess) -> Iterator[None]:
+def explained(stack: Stack, table: str, *processes: AgentProcess) -> Iterator[None]:
     try:
         yield
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{explain(stack, *processes)}") from None
+        raise AssertionError(f"{error}\n{explain(stack, table, *processes)}") from None
 
 
 # --- 1. the adversary: a paused agent past its lease, a newer version loaded meanwhile -----------
@@ -189,11 +185,20 @@ def test_an_agent_paused_past_its_lease_is_fenced_and_the_newer_content_stands(
         os.utime(local_path(rewritten), (modified, modified))
         latest = {**files, rewritten: new_rows}
         time.sleep(ttl.total_seconds() + 1)  # P1's lease is over; P1 is still frozen
+        # Frozen before its report, so nothing of P1's reached the control plane (a report sent as
+        # the pause took effect would have been accepted: the lease still held).
+        sent = sql(database_url, "SELECT create_time FROM commits")
+        pause = [line[:24] for line in p1.log().splitlines() if "action=test.pause" in line]
+        assert not sent, (
+            f"p1's report reached the control plane at {sent[0][0]} although p1 paused itself before it "
+            f"(logged at {pause}): AUTOLOADER_TEST_PAUSE=agent_before_report did not stop the reporting thread"
+        )
+        assert {f.state for f in stack.list_files(ingestion)} == {File.STATE_LEASED}
 
         make_plane(listen_address=second, lease_ttl=ttl)
         first = stack.wait(run, timeout=STARTUP + 60)
         assert first.state == Run.STATE_SUCCEEDED, (first, p2.tail())
-        with explained(stack, p1, p2):
+        with explained(stack, "e2e.paused", p1, p2):
             assert_table_equals_source(stack, "e2e.paused", latest)
         # The rewritten file changed after its discovery: the next run's discovery queues it again.
         second_run = stack.wait(start_run(stack, ingestion), timeout=120)
@@ -218,7 +223,8 @@ def test_an_agent_paused_past_its_lease_is_fenced_and_the_newer_content_stands(
     assert "6 results were fenced" in p1.log(), p1.tail()
     assert "action=agent.fenced" in p1.log(), p1.tail()
 
-    assert_table_equals_source(stack, "e2e.paused", latest)
+    with explained(stack, "e2e.paused", p1, p2):
+        assert_table_equals_source(stack, "e2e.paused", latest)
     by_path = all_files(stack, ingestion)
     assert {uri: (f.state, f.records) for uri, f in by_path.items()} == {
         uri: (File.STATE_SUCCEEDED, len(rows)) for uri, rows in latest.items()
