@@ -25,7 +25,8 @@ import psycopg
 import pytest
 
 from controlplane import bootstrap
-from tests.e2e.conftest import TERMINAL, Run, Stack, plane_settings, stack_factory
+from tests.e2e import test_agent_processes as processes_module
+from tests.e2e.conftest import TERMINAL, Run, Stack, plane_settings
 from tests.e2e.test_agent_processes import (
     STARTUP,
     AgentProcess,
@@ -39,6 +40,10 @@ from tests.e2e.test_agent_processes import (
     wait_until,
     write_files,
 )
+
+# The agent-process fixtures (shared, not redefined).
+agents = processes_module.agents
+make_plane = processes_module.make_plane
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(480)]
 
@@ -57,21 +62,6 @@ def workdir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def agents(workdir: Path) -> Iterator[AgentProcesses]:
-    processes = AgentProcesses(workdir / "agents")
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-
-
-@pytest.fixture
-def make_plane(database_url: str, workdir: Path) -> Iterator[Callable[..., Stack]]:
-    with stack_factory(database_url, workdir, None) as make:
-        yield make
 
 
 def sql(database_url: str, query: str) -> list[tuple[Any, ...]]:

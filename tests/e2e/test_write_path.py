@@ -35,7 +35,8 @@ from agent.main import control_plane_channel
 from autoloader.v1 import file_pb2, run_pb2
 from controlplane.adapters.iceberg_tables import COMMITS_PROPERTY, LEASES_PROPERTY, IcebergTables, open_catalog
 
-from .conftest import TERMINAL, Run, Stack, stack_factory
+from . import test_agent_processes as processes_module
+from .conftest import TERMINAL, Run, Stack
 from .test_agent_processes import (
     STARTUP,
     AgentProcess,
@@ -52,6 +53,10 @@ from .test_agent_processes import (
     write_files,
 )
 
+# The agent-process fixtures (shared, not redefined).
+agents = processes_module.agents
+make_plane = processes_module.make_plane
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
 File = file_pb2.File
@@ -60,22 +65,6 @@ SERVE = (sys.executable, "-m", "autoloader.cli.main", "serve")
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def agents(workdir: Path) -> Iterator[AgentProcesses]:
-    processes = AgentProcesses(workdir / "agents")
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-
-
-@pytest.fixture
-def make_plane(database_url: str, workdir: Path) -> Iterator[Callable[..., Stack]]:
-    """In-process control planes without the shared Spark session (their agents are processes)."""
-    with stack_factory(database_url, workdir, None) as make:
-        yield make
 
 
 # --- helpers -----------------------------------------------------------------------------------
