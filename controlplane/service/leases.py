@@ -241,15 +241,16 @@ class LeaseService:
         waiting: set[uuid.UUID] = set()
         fenced_data = False
         with self._uow_factory() as uow:
-            ingestion = None
-            if not all(r.outcome.succeeded for r in reports):
-                # Only failures need the ingestion's retry policy; successes cost one statement.
-                ingestion = self._ingestion_by_pk(uow, self._own_lease(uow, agent_id, lease_id).ingestion_pk)
+            has_failures = not all(r.outcome.succeeded for r in reports)
+            # Read once: failures need the ingestion's retry policy, data needs the lease to fence it;
+            # successes without data cost one statement.
+            lease = self._own_lease(uow, agent_id, lease_id) if has_failures or committed else None
+            ingestion = self._ingestion_by_pk(uow, lease.ingestion_pk) if has_failures and lease else None
             rows = [self._result_row(ingestion, r) for r in direct]
             recorded = self._record_direct(uow, agent_id, lease_id, rows, direct, answers, ingestion)
             if committed:
                 assert target is not None
-                lease = self._own_lease(uow, agent_id, lease_id)
+                assert lease is not None
                 waiting, fenced_data = self._accept(uow, lease, target, committed, data_files, answers)
             if ingestion is not None and ingestion.spec.error_policy.mode is ErrorMode.FAIL_RUN and recorded:
                 for row in rows:
