@@ -20,7 +20,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
@@ -55,6 +56,18 @@ class BatchOutcome:
         return [f for piece in self.staged for f in piece.data_files]
 
 
+@dataclass
+class PendingReport:
+    """A batch read and staged (or given up on), its report still to make (or skip)."""
+
+    batch: Batch
+    outcome: BatchOutcome
+    started: float  # monotonic
+    cleanup: contextlib.ExitStack  # stops the heartbeat once the report is answered
+    heartbeat: Heartbeat
+    gone: LeaseGone | None = None  # why the batch goes unreported
+
+
 class Worker:
     def __init__(
         self,
@@ -68,7 +81,6 @@ class Worker:
         lease_wait: float = 20.0,
         shutdown_grace: float = 30.0,
         stop: threading.Event | None = None,
-        on_batch: Callable[[Batch, BatchOutcome], None] | None = None,
     ) -> None:
         self._client = client
         self._spark = spark
@@ -81,31 +93,44 @@ class Worker:
         self.stop = stop or threading.Event()
         self._abandon = threading.Event()
         self._busy = threading.Event()  # a batch is in progress
-        self._on_batch = on_batch
 
     def run(self) -> None:
-        """Leases and processes batches until `stop` is set."""
+        """Leases and processes batches until `stop` is set.
+
+        A batch's report (which returns once the control plane has committed its
+        data) is made in the background while the next batch is leased and read:
+        the commit costs the agent no time, and reports from several agents that
+        wait together are committed together. Reports go one at a time, in order.
+        """
         log.info("agent started", extra={"action": "agent.start", "agent": self._client.agent})
-        while not self.stop.is_set():
-            try:
-                batch = self._client.lease(self._wait, self._max_files, self._max_bytes)
-            except Stopped:
-                break
-            if batch is None:
-                continue
-            if self.stop.is_set():
-                # Leased by a poll that was in flight when we were told to stop: hand it back.
-                self._client.release(batch.lease.name)
-                break
-            self.process(batch)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as reporter:
+            reporting: Future[BatchOutcome] | None = None
+            while not self.stop.is_set():
+                try:
+                    batch = self._client.lease(self._wait, self._max_files, self._max_bytes)
+                except Stopped:
+                    break
+                if batch is None:
+                    continue
+                if self.stop.is_set():
+                    # Leased by a poll that was in flight when we were told to stop: hand it back.
+                    self._client.release(batch.lease.name)
+                    break
+                pending = self._read_and_stage(batch)
+                if reporting is not None:
+                    reporting.result()
+                reporting = reporter.submit(self._report, pending)
+            if reporting is not None:
+                reporting.result()
         log.info("agent stopped", extra={"action": "agent.stop", "agent": self._client.agent})
 
     def abandon_current(self) -> None:
-        """Called when the grace period ran out: the batch in progress commits nothing, and soon.
+        """Called when the grace period ran out: the batch being read commits nothing, and soon.
 
         Spark jobs are cancelled until the batch has returned (its files are then
         released): a job that starts after one cancellation, because the batch was
-        between two jobs, is cancelled by the next one.
+        between two jobs, is cancelled by the next one. A report already sent is
+        waited for: its data is the control plane's to commit.
         """
         self._abandon.set()
         threading.Thread(target=self._cancel_jobs_until_idle, name="abandon", daemon=True).start()
@@ -120,57 +145,72 @@ class Worker:
             time.sleep(0.2)
 
     def process(self, batch: Batch) -> BatchOutcome:
+        """One batch, from reading it to its report's answer."""
+        return self._report(self._read_and_stage(batch))
+
+    def _read_and_stage(self, batch: Batch) -> PendingReport:
+        """Reads the batch and stages its rows; its heartbeat runs on until `_report` is done with it."""
         if not self.stop.is_set():
             self._abandon.clear()  # a pending abandon (the grace period ran out) stays set
+        cleanup = contextlib.ExitStack()
+        heartbeat = cleanup.enter_context(Heartbeat(self._client, batch.lease))
+        pending = PendingReport(batch, BatchOutcome(), time.monotonic(), cleanup, heartbeat)
         self._busy.set()
         try:
-            return self._process_batch(batch)
+            sample = self._sample_bytes > 0 and samples(batch.ingestion.format, batch.ingestion.schema)
+            self._process(batch, list(batch.files), heartbeat, pending.outcome, sample)
+            self._check_held(heartbeat)
+        except LeaseGone as gone:
+            pending.gone = gone
+        except BaseException:
+            pending.cleanup.close()
+            raise
         finally:
             self._busy.clear()
+        return pending
 
-    def _process_batch(self, batch: Batch) -> BatchOutcome:
-        started = time.monotonic()
-        outcome = BatchOutcome()
-        with Heartbeat(self._client, batch.lease) as heartbeat:
-            try:
-                sample = self._sample_bytes > 0 and samples(batch.ingestion.format, batch.ingestion.schema)
-                self._process(batch, list(batch.files), heartbeat, outcome, sample)
-                self._check_held(heartbeat)
-                if outcome.results:
-                    crash_point("agent_before_report")
-                    pause_point("agent_before_report")
-                    # The heartbeat runs on while the control plane commits: the files stay ours.
-                    try:
-                        answers = self._client.report(batch.lease.name, list(outcome.results.values()),
-                                                      outcome.data_files)  # fmt: skip
-                    except grpc.RpcError as error:
-                        # Refused (not unavailable: those are retried): nothing was accepted.
-                        raise LeaseGone(f"the report was refused: {error.code().name} {error.details()}") from error
+    def _report(self, pending: PendingReport) -> BatchOutcome:
+        batch, outcome = pending.batch, pending.outcome
+        with pending.cleanup:
+            if pending.gone is None and outcome.results:
+                crash_point("agent_before_report")
+                pause_point("agent_before_report")
+                # The heartbeat runs on while the control plane commits: the files stay ours.
+                try:
+                    answers = self._client.report(batch.lease.name, list(outcome.results.values()),
+                                                  outcome.data_files)  # fmt: skip
+                except grpc.RpcError as error:
+                    # Refused (not unavailable: those are retried): nothing was accepted.
+                    pending.gone = LeaseGone(f"the report was refused: {error.code().name} {error.details()}")
+                else:
                     crash_point("agent_after_report")
                     outcome.fenced = sum(a.lease_lost for a in answers)
-            except LeaseGone as gone:
-                self._discard(outcome)
-                if self._abandon.is_set() and not heartbeat.lost.is_set():
-                    released = self._client.release(batch.lease.name)
-                    log.warning("batch abandoned on shutdown; %d files released", released,
-                                extra={"action": "agent.release", "lease": batch.lease.name})  # fmt: skip
-                else:
-                    log.warning("batch abandoned: %s", gone or "the lease was lost",
-                                extra={"action": "agent.abandon", "lease": batch.lease.name})  # fmt: skip
+            if pending.gone is not None:
+                self._give_up(pending, pending.gone)
                 return outcome
         if outcome.fenced:
-            # The control plane removed the staged files; another agent holds the files now.
+            # The control plane removed the pending files; another agent holds the files now.
             log.warning("%d results were fenced: the lease no longer held their files", outcome.fenced,
                         extra={"action": "agent.fenced", "lease": batch.lease.name})  # fmt: skip
         failed = sum(r.outcome == Outcome.OUTCOME_FAILED for r in outcome.results.values())
         log.info(
-            "batch done: %d files, %d failed, %d staged files, %.1fs", len(batch.files), failed,
-            len(outcome.data_files), time.monotonic() - started,
+            "batch done: %d files, %d failed, %d pending files, %.1fs", len(batch.files), failed,
+            len(outcome.data_files), time.monotonic() - pending.started,
             extra={"action": "agent.batch", "lease": batch.lease.name},
         )  # fmt: skip
-        if self._on_batch is not None:
-            self._on_batch(batch, outcome)
         return outcome
+
+    def _give_up(self, pending: PendingReport, gone: LeaseGone) -> None:
+        """No report (or a refused one): the pending files go, and the files back if we still hold them."""
+        self._discard(pending.outcome)
+        lease = pending.batch.lease.name
+        if self._abandon.is_set() and not pending.heartbeat.lost.is_set():
+            released = self._client.release(lease)
+            log.warning("batch abandoned on shutdown; %d files released", released,
+                        extra={"action": "agent.release", "lease": lease})  # fmt: skip
+        else:
+            log.warning("batch abandoned: %s", gone or "the lease was lost",
+                        extra={"action": "agent.abandon", "lease": lease})  # fmt: skip
 
     @staticmethod
     def _discard(outcome: BatchOutcome) -> None:

@@ -195,6 +195,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         commits = CommitService(
             uow_factory, tables, run_changes, stale_after=settings.commit_stale_after, is_conflict=is_conflict,
             orphan_age=settings.orphan_age.total_seconds(), orphan_every=settings.orphan_sweep_interval,
+            linger=settings.commit_linger,
         )  # fmt: skip
         committer = CommitLoop(commits, poll=settings.commit_poll)
         leases = LeaseService(uow_factory, run_changes, ttl=settings.lease_ttl, commits=commits)

@@ -67,6 +67,9 @@ class ControlPlaneSettings(BaseSettings):
     commit_stale_after: Duration = timedelta(seconds=10)
     # Seconds between checks for commits to make (intents written on other replicas, silent owners).
     commit_poll: float = 0.5
+    # Group commit: how long a table's first waiting batch may wait for the batches other agents
+    # are still working on, so that one snapshot carries them all (0: commit each at once).
+    commit_linger: Duration = timedelta(seconds=1)
     # Staged data older than this that no snapshot references is removed (its batch never committed).
     orphan_age: Duration = timedelta(hours=6)
     # Seconds between a table's sweeps for such staged data (after a commit to it).

@@ -54,6 +54,25 @@ _PENDING = text(
     """
 )
 
+# How long the table's oldest intent may still wait for others to join its commit: 0 when it has
+# waited `linger`, or when no agent without an intent for the table is still working on it (one
+# whose report waits on this commit sends no other first).
+_LINGER_LEFT = text(
+    """
+    SELECT CASE WHEN EXISTS (
+               SELECT 1 FROM ingestions i
+               JOIN files f ON f.ingestion_pk = i.id AND f.state = 'LEASED'
+               JOIN leases l ON l.id = f.lease_pk
+               WHERE i.spec #>> '{destination,table}' = :table
+                 AND f.commit_pk IS NULL AND f.lease_expire_time > now()
+                 AND l.agent_id NOT IN (SELECT pl.agent_id FROM commits pc JOIN leases pl ON pl.id = pc.lease_pk
+                                        WHERE pc.table_name = :table AND pc.state = 'PENDING'))
+           THEN GREATEST(0, EXTRACT(EPOCH FROM min(c.create_time) + :linger - now()))
+           ELSE 0 END
+    FROM commits c WHERE c.table_name = :table AND c.state = 'PENDING'
+    """
+)
+
 _SETTLE = text(
     """
     UPDATE commits SET state = :state, error = :error, end_time = now()
@@ -106,6 +125,11 @@ class SqlCommitRepository:
         """Takes or keeps the table's commits for `owner`, renewing its heartbeat; False if another owns it."""
         row = self._session.execute(_OWN_TABLE, {"table": table, "owner": owner, "stale": stale_after}).first()
         return row is not None
+
+    def linger_left(self, table: str, linger: timedelta) -> float:
+        """Seconds the table's pending intents may still wait for other agents' batches to join them."""
+        value = self._session.execute(_LINGER_LEFT, {"table": table, "linger": linger}).scalar()
+        return float(value or 0)
 
     def pending(self, table: str, limit: int) -> list[CommitIntent]:
         rows = self._session.execute(_PENDING, {"table": table, "limit": limit}).all()

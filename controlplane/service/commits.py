@@ -88,6 +88,7 @@ class CommitService:
         is_conflict: Callable[[BaseException], bool] = lambda e: False,
         orphan_age: float = 6 * 3600.0,
         orphan_every: float = 3600.0,
+        linger: timedelta = timedelta(0),
     ) -> None:
         self._uow_factory = uow_factory
         self.tables = tables
@@ -97,6 +98,8 @@ class CommitService:
         self._is_conflict = is_conflict
         self._orphan_age = orphan_age
         self._orphan_every = orphan_every
+        self._linger = linger
+        self.next_due: float | None = None  # monotonic: when a lingering table's commit is due
         self._swept: dict[str, float] = {}
         self.stats = CommitStats()
         self.wakeup = ChangeFeed()  # new intents on this replica
@@ -132,7 +135,11 @@ class CommitService:
     # --- the committer ----------------------------------------------------------------------------------------------
 
     def commit_round(self) -> int:
-        """Commits the pending intents of every table this replica owns or may take over; returns how many."""
+        """Commits the pending intents of every table this replica owns or may take over; returns how many.
+
+        Sets `next_due` when a table's intents linger for other agents' batches.
+        """
+        self.next_due = None
         with self._uow_factory() as uow:
             tables = uow.commits.pending_tables()
         return sum(self.commit_table(name) for name in tables)
@@ -147,6 +154,13 @@ class CommitService:
         if not self._own(name):
             return 0  # another replica commits to this table
         with self._uow_factory() as uow:
+            # Group commit: while other agents are still working on the table, the first intent
+            # waits (up to `linger`) for theirs, so that one snapshot carries them all.
+            left = uow.commits.linger_left(name, self._linger) if self._linger else 0.0
+            if left > 0:
+                due = time.monotonic() + left
+                self.next_due = due if self.next_due is None else min(self.next_due, due)
+                return 0
             intents = uow.commits.pending(name, MAX_INTENTS_PER_COMMIT)
             ingestions = {i.ingestion_pk: uow.ingestions.get_by_pk(i.ingestion_pk) for i in intents}
         if not intents:
@@ -355,4 +369,6 @@ class CommitLoop:
             except Exception:
                 log.exception("committer error; retrying", extra={"action": "commit.error"})
                 self._stop.wait(self._poll)
-            seen = self.service.wakeup.wait(seen, self._poll)
+            due = self.service.next_due
+            wait = self._poll if due is None else min(self._poll, max(due - time.monotonic(), 0.01))
+            seen = self.service.wakeup.wait(seen, wait)

@@ -242,7 +242,7 @@ def make_plane(database_url: str, engine: Engine, tmp_path: Path) -> Iterator[Ca
     """make(ttl, stale) -> a control plane on this test's database and warehouse; all are stopped afterwards."""
     made: list[tuple[bootstrap.ControlPlane, grpc.Channel]] = []
 
-    def make(ttl: float = 60.0, stale: float = 2.0) -> Plane:
+    def make(ttl: float = 60.0, stale: float = 2.0, linger: float = 1.0) -> Plane:
         settings = ControlPlaneSettings(
             database_url=database_url,
             state_dir=tmp_path / f"state{len(made)}",
@@ -251,6 +251,7 @@ def make_plane(database_url: str, engine: Engine, tmp_path: Path) -> Iterator[Ca
             lease_ttl=timedelta(seconds=ttl),
             commit_stale_after=timedelta(seconds=stale),
             commit_poll=0.2,
+            commit_linger=timedelta(seconds=linger),
             finalize_sweep_interval=0.2,
             discovery_poll=0.2,
             shutdown_grace=0.5,
@@ -486,6 +487,46 @@ def test_concurrent_reports_of_one_table_share_commits(make_plane: Callable[...,
     for s in snapshots:  # the snapshot names exactly the leases of its intents
         leases_of = {f"leases/{c.lease_pk}" for c in intents if str(c.id) in carried(s, COMMITS)}
         assert set(carried(s, LEASES)) == leases_of
+
+
+def test_a_commit_waits_for_the_batches_other_agents_are_still_working_on(make_plane: Callable[..., Plane]) -> None:
+    """Group commit without luck: the first report lingers while another agent works on the table.
+
+    It waits for agents that have no report waiting, up to the linger: not for its own agent's
+    next batch (that report comes after this one's answer), nor once everyone has reported.
+    """
+    linger = 3.0
+    api = make_plane(linger=linger)
+    api.running("linger", 10, limits=ingestion_pb2.Limits(max_files_per_lease=2))
+    first, second = api.lease("la"), api.lease("lb")
+    ahead = api.lease("la")  # la's next batch, leased while its report waits (the agent pipelines)
+
+    started = time.monotonic()
+    waiting, out_first = in_thread(lambda: api.report_data("la", first, [api.stage(first)]))
+    time.sleep(1.0)
+    assert pending_intent(api, first).state == "PENDING", "committed without waiting for lb's batch"
+    assert not api.snapshots()
+    _, out_second = in_thread(lambda: api.report_data("lb", second, [api.stage(second)]))
+    waiting.join(linger + 10)
+    # lb's report completed the group: both in one snapshot, before the linger ran out.
+    assert time.monotonic() - started < linger, "the complete group waited out the linger"
+    assert states(out_first["reply"]) == succeeded(first.files)
+    wait_for(lambda: "reply" in out_second, 10, "lb's answer")
+    (snapshot,) = api.snapshots()
+    assert sorted(carried(snapshot, LEASES)) == sorted([first.lease.name, second.lease.name])
+
+    # Nobody else working: la's next batch commits at once.
+    started = time.monotonic()
+    assert states(api.report_data("la", ahead, [api.stage(ahead)])) == succeeded(ahead.files)
+    assert time.monotonic() - started < linger / 2
+
+    # Another agent that never reports holds a commit back for the linger, no longer.
+    silent, last = api.lease("lc"), api.lease("ld")
+    started = time.monotonic()
+    assert states(api.report_data("ld", last, [api.stage(last)])) == succeeded(last.files)
+    assert linger * 0.8 <= time.monotonic() - started < linger + 5
+    assert {r.state for r in api.rows_of(silent.files)} == {"LEASED"}
+    assert api.rows() == expected_rows(first.files, second.files, ahead.files, last.files)
 
 
 # --- in-doubt files ------------------------------------------------------------------------------------

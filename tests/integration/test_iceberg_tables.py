@@ -66,16 +66,31 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return paths
 
 
-def test_a_commit_reads_only_its_own_staged_files(tables: IcebergTables, opened: list[str]) -> None:
-    for batch in range(8):
-        commit(tables, stage(tables, [f"{SOURCE}{batch:03d}{i:02d}.json" for i in range(10)]))
+@pytest.mark.parametrize(("batches", "per_batch"), [(8, 10), (4, 1000)])
+def test_a_commit_reads_only_its_own_staged_files(
+    tables: IcebergTables, opened: list[str], batches: int, per_batch: int
+) -> None:
+    """Also past 200 sources a batch: pyiceberg checks a larger IN predicate against no bounds, so the
+    committer must not hand it one (a 5,000-file run's fifth commit read all 128 data files before)."""
+    for batch in range(batches):
+        commit(tables, stage(tables, [f"{SOURCE}{batch}{i:04d}.json" for i in range(per_batch)]))
     opened.clear()
-    staged = stage(tables, [f"{SOURCE}900{i:02d}.json" for i in range(10)])
+    staged = stage(tables, [f"{SOURCE}9{i:04d}.json" for i in range(per_batch)])
     commit(tables, staged)
-    # Its own file (its schema, and the statistics add_files takes from the footer); none of the eight before.
+    # Its own file (its schema, and the statistics add_files takes from the footer); none of those before.
     assert {p.removeprefix("file://") for p in opened} == {s.removeprefix("file://") for s in staged.data_files}
     table = tables.load(TABLE)
-    assert len(table.scan().to_arrow()) == 9 * 20
+    assert len(table.scan().to_arrow()) == (batches + 1) * per_batch * 2
+
+
+def test_a_large_commit_replaces_the_rows_of_the_sources_it_reloads(tables: IcebergTables) -> None:
+    commit(tables, stage(tables, [f"{SOURCE}0{i:04d}.json" for i in range(600)]))
+    # Interleaved with the first batch's names (inside its bounds) and three of them again.
+    again = [f"{SOURCE}0{i:04d}.json" for i in (0, 299, 599)]
+    commit(tables, stage(tables, [f"{SOURCE}0{i:04d}x.json" for i in range(600)] + again))
+    counts = tables.load(TABLE).scan().to_arrow()["_source_file"].value_counts().to_pylist()
+    assert len(counts) == 1200
+    assert {c["counts"] for c in counts} == {2}
 
 
 def test_recommitting_a_source_still_replaces_its_rows(tables: IcebergTables) -> None:
