@@ -194,7 +194,7 @@ class Worker:
                         extra={"action": "agent.fenced", "lease": batch.lease.name})  # fmt: skip
         failed = sum(r.outcome == Outcome.OUTCOME_FAILED for r in outcome.results.values())
         log.info(
-            "batch done: %d files, %d failed, %d pending files, %.1fs", len(batch.files), failed,
+            "batch done: %d files, %d failed, %d staged files, %.1fs", len(batch.files), failed,
             len(outcome.data_files), time.monotonic() - pending.started,
             extra={"action": "agent.batch", "lease": batch.lease.name},
         )  # fmt: skip
