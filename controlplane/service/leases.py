@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -78,6 +79,10 @@ class FileReport:
     outcome: FileOutcome
 
 
+# Leases this replica remembers the ingestion of (about 100 bytes each).
+LEASES_REMEMBERED = 100_000
+
+
 class LeaseService:
     def __init__(
         self,
@@ -95,6 +100,10 @@ class LeaseService:
         # None: results are recorded as reported, and nothing is committed (tests of leasing alone).
         self._commits = commits
         self._table_names: dict[uuid.UUID, str] = {}  # ingestion -> its table (fixed once created)
+        # lease -> its ingestion, for the leases this replica granted: a report then finds its table
+        # without a read of its own (the recording transaction checks the lease as it always does).
+        self._lease_ingestions: dict[uuid.UUID, uuid.UUID] = {}
+        self._lease_ingestions_lock = threading.Lock()
 
     def lease_files(
         self,
@@ -137,6 +146,10 @@ class LeaseService:
             return claim
         table = claim.ingestion.spec.destination.table
         self._table_names[claim.ingestion.id] = table
+        with self._lease_ingestions_lock:
+            self._lease_ingestions[claim.lease.id] = claim.ingestion.id
+            while len(self._lease_ingestions) > LEASES_REMEMBERED:
+                del self._lease_ingestions[next(iter(self._lease_ingestions))]  # the oldest
         try:
             target = self._commits.describe(table)
         except Exception as error:
@@ -286,12 +299,16 @@ class LeaseService:
         """
         if self._commits is None:
             return None
-        with self._uow_factory() as uow:
-            lease = self._own_lease(uow, agent_id, lease_id)
-            table_name = self._table_names.get(lease.ingestion_pk)
-            if table_name is None:
-                table_name = self._ingestion_by_pk(uow, lease.ingestion_pk).spec.destination.table
-                self._table_names[lease.ingestion_pk] = table_name  # fixed once the ingestion is created
+        with self._lease_ingestions_lock:
+            ingestion_pk = self._lease_ingestions.get(lease_id)
+        table_name = self._table_names.get(ingestion_pk) if ingestion_pk is not None else None
+        if table_name is None:
+            with self._uow_factory() as uow:
+                lease = self._own_lease(uow, agent_id, lease_id)
+                table_name = self._table_names.get(lease.ingestion_pk)
+                if table_name is None:
+                    table_name = self._ingestion_by_pk(uow, lease.ingestion_pk).spec.destination.table
+                    self._table_names[lease.ingestion_pk] = table_name  # fixed once the ingestion is created
         target = self._commits.describe(table_name)
         staging = target.staging_location(str(lease_id)) + "/"
         for i, data_file in enumerate(data_files):

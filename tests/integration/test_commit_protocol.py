@@ -35,7 +35,7 @@ from controlplane.config import ControlPlaneSettings
 from controlplane.domain.commits import StagedBatch
 from controlplane.service.commits import MAX_INTENTS_PER_COMMIT
 from tests.integration.helpers import error_info, field_violations, valid_ingestion
-from tests.integration.test_leasing import TERMINAL, Api, rpc_error
+from tests.integration.test_leasing import TERMINAL, Api, expect, rpc_error
 
 pytestmark = pytest.mark.integration
 
@@ -368,6 +368,26 @@ def test_an_expired_lease_taken_over_commits_nothing_and_its_data_is_removed(mak
     assert api.rows() == expected_rows(base.files, second.files)
     assert [r.state for r in api.rows_of(second.files)] == ["SUCCEEDED"] * 2
     assert local(data2).exists()
+
+
+def test_another_agents_report_of_the_leases_data_is_refused_and_changes_nothing(
+    make_plane: Callable[..., Plane],
+) -> None:
+    """The replica that granted a lease finds its table without reading the lease: the owner is still checked."""
+    api = make_plane()
+    api.running("owner", 3)
+    base = api.lease("a0", max_files=1)
+    assert states(api.report_data("a0", base, [api.stage(base)])) == succeeded(base.files)  # the table exists
+    got = api.lease("a1")
+    data = api.stage(got)
+
+    expect(lambda: api.report_data("a2", got, [data]), grpc.StatusCode.PERMISSION_DENIED, "LEASE_NOT_OWNED")
+
+    assert local(data).exists(), "another agent's report removed the owner's staged data"
+    assert [c.lease_pk for c in api.commits()] == [lease_id(base)]
+    assert {(r.state, r.lease_pk) for r in api.rows_of(got.files)} == {("LEASED", lease_id(got))}
+    assert states(api.report_data("a1", got, [data])) == succeeded(got.files)
+    assert api.rows() == expected_rows(base.files, got.files)
 
 
 def test_a_lease_that_lost_one_success_commits_none_and_releases_the_others(make_plane: Callable[..., Plane]) -> None:
