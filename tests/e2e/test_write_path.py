@@ -441,8 +441,8 @@ def test_four_agents_on_one_table_share_commits(
     """400 small files in leases of 20, four in-process agents on one table.
 
     The first four batches find the table owned by another replica, so their intents queue; once its
-    heartbeat goes stale ours takes over and must commit the four as one. After that, intents that
-    happen to wait together (their reports came during a commit) commit together.
+    heartbeat goes stale ours takes over and must commit the four as one. After that, a report waits
+    up to the linger for the batches the other agents are working on, and those commit together.
     """
     stack = make_stack()
     rng = random.Random(5)
@@ -482,8 +482,9 @@ def test_four_agents_on_one_table_share_commits(
     assert held in commits, f"the four intents queued together were not committed together: {commits}"
     # Each commit made one snapshot (new files: nothing to delete).
     assert len(snapshots) == len(set(commits)), [s.summary for s in snapshots]
-    assert len(snapshots) < 2 * batches
-    assert len(commits) < batches
+    # Far fewer commits than batches: reports wait together because agents pipeline and the committer
+    # lingers (1 s by default) while other agents are still working on the table.
+    assert 2 * len(commits) <= batches, f"{len(commits)} commits for {batches} batches"
     natural = [g for g in commits if g != held]
     conflicts = actions.counts["commit.conflict"]
     print(
