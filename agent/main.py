@@ -15,16 +15,20 @@ from agent.protocol import LeaseClient
 from agent.worker import Worker
 
 log = logging.getLogger(__name__)
+# 10,000 leased files with 4 KB paths and their metadata fit.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 def control_plane_channel(address: str) -> grpc.Channel:
     """The agent's channel: it reconnects within a second of the control plane coming back.
 
     gRPC's default reconnect backoff grows to minutes; a lease's heartbeat has only its TTL.
+    A lease of 10,000 files (the most limits allow) with long object keys is over gRPC's
+    default 4 MB answer: refused, it would be a lease granted and never delivered.
     """
     return grpc.insecure_channel(address, options=[
         ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
     ])  # fmt: skip
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine, make_url, text
 
 from agent.main import control_plane_channel
 from agent.protocol import Batch, LeaseClient
+from autoloader.v1 import ingestion_pb2
 from controlplane import bootstrap
 from controlplane.config import ControlPlaneSettings
 
@@ -120,3 +121,25 @@ def test_an_agent_started_before_its_control_plane_waits_for_it(
         assert batches[0] is not None
         assert len(batches[0].files) == 3
     channel.close()
+
+
+def test_an_agent_receives_a_lease_larger_than_grpcs_default_message_limit(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """2,500 files with 2 KB object keys make a 5 MB LeaseFiles answer; gRPC refuses more than 4 MB by default.
+
+    A refused answer would be a lease granted and never delivered, retried (RESOURCE_EXHAUSTED) until it expires.
+    """
+    with control_plane(database_url, engine, tmp_path) as api:
+        api.running("wide", 1, limits=ingestion_pb2.Limits(max_files_per_lease=5000))  # a run with a file stays open
+        api.add_rows("wide", 2500)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE files SET path = path || '/' || repeat('k', 2000)"))
+        channel = control_plane_channel(api.address)
+        try:
+            batch = LeaseClient(channel, "wide-agent", threading.Event()).lease(0, 5000)
+        finally:
+            channel.close()
+    assert batch is not None
+    assert len(batch.files) == 2501
+    assert sum(len(f.path) for f in batch.files) > 5_000_000
