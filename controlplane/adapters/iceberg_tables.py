@@ -294,7 +294,7 @@ class IcebergTables:
 
 def _any_of(column: str, values: Sequence[str]) -> BooleanExpression:
     """column IN values, as IN predicates small enough for pyiceberg to check against bounds."""
-    chunks = [In(column, values[i : i + IN_LIMIT]) for i in range(0, len(values), IN_LIMIT)]  # type: ignore[call-arg,misc]
+    chunks = [In(term=column, literals=values[i : i + IN_LIMIT]) for i in range(0, len(values), IN_LIMIT)]
     return chunks[0] if len(chunks) == 1 else Or(*chunks)
 
 
