@@ -45,6 +45,7 @@ from controlplane.config import ControlPlaneSettings
 from controlplane.domain.errors import DatabaseUnavailable
 from controlplane.service.changes import ChangeFeed
 from controlplane.service.commits import CommitLoop, CommitService
+from controlplane.service.deletions import IngestionDeletions
 from controlplane.service.discovery import DiscoveryLoop, DiscoveryService
 from controlplane.service.files import FileService
 from controlplane.service.ingestions import IngestionService
@@ -87,6 +88,7 @@ class ControlPlane:
     discovery: DiscoveryLoop
     committer: CommitLoop
     tables: IcebergTables
+    deletions: IngestionDeletions
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
     # Where the data lives (the embedded server's URL when embedded); for agents on this machine.
@@ -182,16 +184,17 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         def uow_factory() -> SqlAlchemyUnitOfWork:
             return SqlAlchemyUnitOfWork(session_factory)
 
-        ingestions = IngestionService(uow_factory, avro=_spark_has_avro(settings))
-        run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
-        runs = RunService(uow_factory, run_changes, discovery_wakeup)
-        files = FileService(uow_factory, run_changes)
         properties = settings.catalog_properties()
         properties.setdefault("warehouse", settings.warehouse_uri())
         try:
             tables = IcebergTables(open_catalog(settings.catalog_name, properties, url))
         except Exception as exc:
             raise StartupError(f"cannot open the Iceberg catalog: {exc}") from exc
+        deletions = IngestionDeletions(uow_factory, tables, stale_after=settings.saga_stale_after)
+        ingestions = IngestionService(uow_factory, avro=_spark_has_avro(settings), deletions=deletions)
+        run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
+        runs = RunService(uow_factory, run_changes, discovery_wakeup)
+        files = FileService(uow_factory, run_changes)
         commits = CommitService(
             uow_factory, tables, run_changes, stale_after=settings.commit_stale_after, is_conflict=is_conflict,
             orphan_age=settings.orphan_age.total_seconds(), orphan_every=settings.orphan_sweep_interval,
@@ -216,6 +219,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
             [
                 (housekeeping.purge_idempotency_records, settings.maintenance_interval),
                 (housekeeping.finalize_finished_runs, settings.finalize_sweep_interval),
+                (deletions.reconcile, settings.reconcile_interval),
             ]
         )
         ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
@@ -250,6 +254,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         discovery,
         committer,
         tables,
+        deletions,
         embedded,
         settings,
         database_url=url,

@@ -70,6 +70,10 @@ class ControlPlaneSettings(BaseSettings):
     # Group commit: how long a table's first waiting batch may wait for the batches other agents
     # are still working on, so that one snapshot carries them all (0: commit each at once).
     commit_linger: Duration = timedelta(seconds=1)
+    # Sagas (a deletion that drops the table): a step silent this long, its replica presumed dead,
+    # is finished by the reconciler of any replica, which looks every reconcile_interval seconds.
+    saga_stale_after: Duration = timedelta(seconds=30)
+    reconcile_interval: float = 10.0
     # Staged data older than this that no snapshot references is removed (its batch never committed).
     orphan_age: Duration = timedelta(hours=6)
     # Seconds between a table's sweeps for such staged data (after a commit to it).

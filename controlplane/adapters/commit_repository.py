@@ -131,6 +131,10 @@ class SqlCommitRepository:
         value = self._session.execute(_LINGER_LEFT, {"table": table, "linger": linger}).scalar()
         return float(value or 0)
 
+    def pending_for_ingestion(self, ingestion_pk: uuid.UUID) -> bool:
+        query = text("SELECT EXISTS (SELECT 1 FROM commits WHERE ingestion_pk = :pk AND state = 'PENDING')")
+        return bool(self._session.execute(query, {"pk": ingestion_pk}).scalar())
+
     def pending(self, table: str, limit: int) -> list[CommitIntent]:
         rows = self._session.execute(_PENDING, {"table": table, "limit": limit}).all()
         return [

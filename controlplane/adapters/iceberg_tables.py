@@ -251,6 +251,26 @@ class IcebergTables:
             table = self.catalog.load_table(name)
         return table
 
+    def drop(self, name: str) -> bool:
+        """Drops the table and removes its files (data, metadata, leftover staging); False if it did not exist.
+
+        pyiceberg's purge removes the files the metadata names; a local warehouse's table
+        directory also holds staged data no snapshot names, so it goes as a whole.
+        """
+        table = self.load(name)
+        if table is None:
+            return False
+        location = str(table.location())
+        try:
+            self.catalog.purge_table(name)
+        except NoSuchTableError:
+            return False
+        with self._lock:
+            self._described.pop(name, None)
+        if location.startswith("file:") or location.startswith("/"):
+            shutil.rmtree(urlparse(location).path if location.startswith("file:") else location, ignore_errors=True)
+        return True
+
     def discard_files(self, paths: Iterable[str]) -> None:
         """Removes staged data files that will never be committed (a fenced batch, an aborted commit)."""
         for path in paths:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -62,6 +63,8 @@ class IngestionRow(Base):
     last_run_id: Mapped[str | None] = mapped_column(Text)
     next_run_time: Mapped[datetime | None] = mapped_column(Timestamp)
     prefect_deployment_id: Mapped[str | None] = mapped_column(Text)
+    # Set with state DELETING: the deletion drops the Iceberg table too (the reconciler reads it).
+    drop_table_on_delete: Mapped[bool] = mapped_column(Boolean, server_default=false())
     create_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     update_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now(), onupdate=func.now())
 

@@ -53,6 +53,7 @@ def _to_entity(row: IngestionRow) -> Ingestion:
         last_run=f"ingestions/{row.ingestion_id}/runs/{row.last_run_id}" if row.last_run_id else "",
         next_run_time=row.next_run_time,
         prefect_deployment_id=row.prefect_deployment_id or "",
+        drop_table_on_delete=row.drop_table_on_delete,
         create_time=row.create_time,
         update_time=row.update_time,
     )
@@ -66,6 +67,7 @@ def _copy_to_row(ingestion: Ingestion, row: IngestionRow) -> None:
     row.version = ingestion.version
     row.next_run_time = ingestion.next_run_time
     row.prefect_deployment_id = ingestion.prefect_deployment_id or None
+    row.drop_table_on_delete = ingestion.drop_table_on_delete
 
 
 class SqlIngestionRepository:
@@ -114,6 +116,25 @@ class SqlIngestionRepository:
         self._session.delete(self._session.get_one(IngestionRow, ingestion.id))
         self._session.flush()
 
+    def writing_to(self, table: str, *, excluding: uuid.UUID) -> list[str]:
+        rows = self._session.execute(
+            select(IngestionRow.ingestion_id).where(
+                IngestionRow.spec["destination"]["table"].astext == table, IngestionRow.id != excluding
+            )
+        ).scalars()
+        return [f"ingestions/{ingestion_id}" for ingestion_id in rows]
+
+    def next_stale_deletion(self, stale_after: timedelta) -> Ingestion | None:
+        row = self._session.scalars(
+            select(IngestionRow)
+            .where(IngestionRow.state == IngestionState.DELETING.value)
+            .where(IngestionRow.update_time < func.now() - stale_after)
+            .order_by(IngestionRow.update_time)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).first()
+        return _to_entity(row) if row is not None else None
+
     def with_file_counts(self, ingestions: Sequence[Ingestion]) -> list[Ingestion]:
         """The ingestions with their file counts, from one indexed aggregate over file rows."""
         if not ingestions:
@@ -152,6 +173,15 @@ class SqlIdempotencyRepository:
             )
         ).one()
         return IdempotencyRecord(method=row.method, fingerprint=row.fingerprint, response=row.response)
+
+    def find(self, tenant: str, request_id: str) -> IdempotencyRecord | None:
+        """The record of a request, if one was committed (without reserving the id)."""
+        row = self._session.execute(
+            select(IdempotencyRow.method, IdempotencyRow.fingerprint, IdempotencyRow.response).where(
+                IdempotencyRow.tenant == tenant, IdempotencyRow.request_id == request_id
+            )
+        ).first()
+        return IdempotencyRecord(method=row.method, fingerprint=row.fingerprint, response=row.response) if row else None
 
     def complete(self, tenant: str, request_id: str, response: dict[str, Any]) -> None:
         row = self._session.get_one(IdempotencyRow, (tenant, request_id))

@@ -202,6 +202,7 @@ class Ingestion(BaseModel):
     last_run: str = ""
     next_run_time: datetime | None = None
     prefect_deployment_id: str = ""
+    drop_table_on_delete: bool = False  # with state DELETING: the table goes too
     create_time: datetime | None = None
     update_time: datetime | None = None
     file_counts: FileCounts = FileCounts()

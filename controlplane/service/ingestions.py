@@ -8,14 +8,15 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.domain.errors import EtagMismatch, FailedPrecondition, InvalidArgument, WrongState
+from controlplane.domain.errors import FailedPrecondition, InvalidArgument, WrongState
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import FormatType, Ingestion, IngestionSpec, IngestionState
 from controlplane.domain.masks import apply_mask
 from controlplane.domain.paging import next_page_token, page_request, parse_state_filter
 from controlplane.domain.validation import check_ingestion_id, validate_spec
+from controlplane.service.deletions import IngestionDeletions
 from controlplane.service.idempotency import commit_once
-from controlplane.service.lookups import require_ingestion
+from controlplane.service.lookups import check_etag, require_ingestion
 from controlplane.service.ports import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,12 @@ def _load(data: dict[str, Any]) -> Ingestion:
 
 
 class IngestionService:
-    def __init__(self, uow_factory: Callable[[], UnitOfWork], *, avro: bool = False) -> None:
+    def __init__(
+        self, uow_factory: Callable[[], UnitOfWork], *, avro: bool = False, deletions: IngestionDeletions | None = None
+    ) -> None:
         self._avro = avro
         self._uow_factory = uow_factory
+        self._deletions = deletions  # None: no catalog (tests of the API alone), so no drop_table
 
     def _check_engine_supports(self, spec: IngestionSpec) -> None:
         if spec.format.type is FormatType.AVRO and not self._avro:
@@ -116,7 +120,7 @@ class IngestionService:
     ) -> Ingestion:
         def work() -> Ingestion:
             ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
-            _check_etag(ingestion, etag)
+            check_etag(ingestion, etag)
             _require_not_deleting(ingestion)
             merged = apply_mask(
                 ingestion.spec.model_dump(),
@@ -143,16 +147,19 @@ class IngestionService:
     def delete(
         self, tenant: str, ingestion_id: str, etag: str = "", drop_table: bool = False, key: RequestKey | None = None
     ) -> None:
-        def work() -> None:
-            ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
-            _check_etag(ingestion, etag)
-            if drop_table:
-                # The Iceberg catalog arrives with the agent; until then no table
-                # exists to drop, and silently ignoring the flag would mislead.
+        if drop_table:
+            if self._deletions is None:
                 raise FailedPrecondition(
                     "drop_table needs an Iceberg catalog, and none is configured; delete without drop_table",
-                    metadata={"ingestion": ingestion.name},
+                    metadata={"ingestion": f"ingestions/{ingestion_id}"},
                 )
+            self._deletions.delete_with_table(tenant, ingestion_id, etag, key)  # a saga (service/deletions.py)
+            return
+
+        def work() -> None:
+            ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
+            check_etag(ingestion, etag)
+            _require_not_deleting(ingestion)
             uow.ingestions.delete(ingestion)
 
         with self._uow_factory() as uow:
@@ -190,14 +197,6 @@ class IngestionService:
             result = outcome.result
             log.info("ingestion %s", result.state.value.lower(), extra={"action": action, "ingestion": result.name})
         return outcome.result
-
-
-def _check_etag(ingestion: Ingestion, etag: str) -> None:
-    if etag and etag != ingestion.etag:
-        raise EtagMismatch(
-            f"{ingestion.name} changed since it was read (etag {etag}, now {ingestion.etag}); read it again",
-            metadata={"ingestion": ingestion.name, "etag": ingestion.etag},
-        )
 
 
 def _require_not_deleting(ingestion: Ingestion) -> None:

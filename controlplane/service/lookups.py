@@ -1,8 +1,8 @@
-"""Loading the resources a use case acts on, or NOT_FOUND naming them."""
+"""Loading the resources a use case acts on, or NOT_FOUND naming them; the etag check of a conditional change."""
 
 from __future__ import annotations
 
-from controlplane.domain.errors import NotFound
+from controlplane.domain.errors import EtagMismatch, NotFound
 from controlplane.domain.ingestion import Ingestion
 from controlplane.domain.runs import Run
 from controlplane.service.ports import UnitOfWork
@@ -22,3 +22,11 @@ def require_run(uow: UnitOfWork, ingestion: Ingestion, run_id: str, *, for_updat
         name = f"{ingestion.name}/runs/{run_id}"
         raise NotFound(f"{name} does not exist", metadata={"run": name})
     return run
+
+
+def check_etag(ingestion: Ingestion, etag: str) -> None:
+    if etag and etag != ingestion.etag:
+        raise EtagMismatch(
+            f"{ingestion.name} changed since it was read (etag {etag}, now {ingestion.etag}); read it again",
+            metadata={"ingestion": ingestion.name, "etag": ingestion.etag},
+        )

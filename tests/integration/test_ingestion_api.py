@@ -285,18 +285,6 @@ def test_delete_then_everything_is_not_found(ingestions: Stub) -> None:
     assert again.create_time.ToDatetime() >= created.create_time.ToDatetime()
 
 
-def test_delete_with_drop_table_is_failed_precondition(ingestions: Stub) -> None:
-    created = _create(ingestions)
-    error = _fails(
-        ingestions.DeleteIngestion,
-        pb.DeleteIngestionRequest(name=created.name, drop_table=True),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    assert error_info(error).domain == "autoloader.v1"
-    assert error_info(error).reason != "ETAG_MISMATCH"
-    assert _get(ingestions) == created
-
-
 def test_refresh_and_preview_are_unimplemented(ingestions: Stub) -> None:
     created = _create(ingestions)
     _fails(

@@ -1,0 +1,26 @@
+"""delete ingestion saga: an ingestion being deleted remembers whether its table goes too
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-02 05:30:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "ingestions", sa.Column("drop_table_on_delete", sa.Boolean(), server_default=sa.false(), nullable=False)
+    )
+
+
+def downgrade() -> None:
+    op.drop_column("ingestions", "drop_table_on_delete")
