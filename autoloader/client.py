@@ -105,6 +105,16 @@ class Client:
         )
         self._call(self.ingestions.DeleteIngestion, request)
 
+    def refresh_ingestion(self, name: str, mode: str = "full", *, dry_run: bool = False) -> pb.RefreshIngestionResponse:
+        """Empties the table and loads again: "full" (every known file) or "new-only" (what is new from now on)."""
+        modes = {"full": pb.RefreshIngestionRequest.MODE_FULL, "new-only": pb.RefreshIngestionRequest.MODE_NEW_ONLY}
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {', '.join(modes)}, not {mode!r}")
+        request = pb.RefreshIngestionRequest(
+            name=ingestion_name(name), mode=modes[mode], dry_run=dry_run, request_id=str(uuid.uuid4())
+        )
+        return self._call(self.ingestions.RefreshIngestion, request)
+
     def pause_ingestion(self, name: str) -> pb.Ingestion:
         request = pb.PauseIngestionRequest(name=ingestion_name(name), request_id=str(uuid.uuid4()))
         return self._call(self.ingestions.PauseIngestion, request).ingestion

@@ -51,6 +51,7 @@ from controlplane.service.files import FileService
 from controlplane.service.ingestions import IngestionService
 from controlplane.service.leases import LeaseService
 from controlplane.service.maintenance import MaintenanceLoop, MaintenanceService
+from controlplane.service.refreshes import IngestionRefreshes
 from controlplane.service.runs import RunService
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class ControlPlane:
     committer: CommitLoop
     tables: IcebergTables
     deletions: IngestionDeletions
+    refreshes: IngestionRefreshes
     embedded: EmbeddedPostgres | None
     settings: ControlPlaneSettings
     # Where the data lives (the embedded server's URL when embedded); for agents on this machine.
@@ -193,6 +195,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         deletions = IngestionDeletions(uow_factory, tables, stale_after=settings.saga_stale_after)
         ingestions = IngestionService(uow_factory, avro=_spark_has_avro(settings), deletions=deletions)
         run_changes, discovery_wakeup = ChangeFeed(), ChangeFeed()
+        refreshes = IngestionRefreshes(uow_factory, tables, discovery_wakeup, stale_after=settings.saga_stale_after)
         runs = RunService(uow_factory, run_changes, discovery_wakeup)
         files = FileService(uow_factory, run_changes)
         commits = CommitService(
@@ -220,9 +223,10 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
                 (housekeeping.purge_idempotency_records, settings.maintenance_interval),
                 (housekeeping.finalize_finished_runs, settings.finalize_sweep_interval),
                 (deletions.reconcile, settings.reconcile_interval),
+                (refreshes.reconcile, settings.reconcile_interval),
             ]
         )
-        ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions), server)
+        ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(IngestionServicer(ingestions, refreshes), server)
         run_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(runs), server)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(files), server)
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(LeaseServicer(leases), server)
@@ -255,6 +259,7 @@ def start(settings: ControlPlaneSettings) -> ControlPlane:
         committer,
         tables,
         deletions,
+        refreshes,
         embedded,
         settings,
         database_url=url,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +13,15 @@ from google.protobuf import json_format
 
 from autoloader.cli.context import globals_of
 from autoloader.cli.errors import EXIT_BAD_INPUT, CliError
-from autoloader.cli.output import err_console, show_ingestion, show_ingestions
+from autoloader.cli.output import (
+    OutputFormat,
+    as_dict,
+    console,
+    emit,
+    err_console,
+    show_ingestion,
+    show_ingestions,
+)
 from autoloader.client import ingestion_name
 from autoloader.specfile import expand_enums, leaf_paths, load_spec
 from autoloader.v1 import ingestion_pb2 as pb
@@ -166,6 +176,49 @@ def delete(
     with g.client() as client:
         client.delete_ingestion(name, drop_table=drop_table)
     err_console.print(f"deleted {ingestion_name(name)}")
+
+
+class RefreshChoice(StrEnum):
+    full = "full"
+    new_only = "new-only"
+
+
+@app.command()
+def refresh(
+    ctx: typer.Context,
+    name: NameArgument,
+    mode: Annotated[
+        RefreshChoice,
+        typer.Option("--mode", help="full: load every known file again; new-only: only files discovered from now on."),
+    ] = RefreshChoice.full,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would happen; change nothing.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Empty the ingestion's table and load again (asks first: the table's rows are deleted)."""
+    g = globals_of(ctx)
+    with g.client() as client:
+        plan = client.refresh_ingestion(name, mode.value, dry_run=True)
+        what = f"{ingestion_name(name)}: empty {plan.table} ({plan.table_rows:,} rows), then " + (
+            f"load its {plan.files_queued:,} known files ({plan.bytes_queued:,} bytes) again"
+            if mode is RefreshChoice.full
+            else "load only files discovered from now on"
+        )
+        if dry_run:
+            if g.output is OutputFormat.table:
+                console.print(f"would {what}", markup=False)
+            else:
+                emit(as_dict(plan), g.output)
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CliError("refresh deletes the table's rows: confirm with --yes", EXIT_BAD_INPUT)
+            typer.confirm(f"{what}?", abort=True)
+        started = client.refresh_ingestion(name, mode.value)
+    err_console.print(f"refresh started: {started.files_queued:,} files queued in {started.run}", markup=False)
+    if g.output is OutputFormat.table:
+        console.print(started.run, markup=False)
+    else:
+        emit(as_dict(started), g.output)
 
 
 @app.command()

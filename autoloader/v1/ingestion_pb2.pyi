@@ -1083,18 +1083,18 @@ class RefreshIngestionRequest(_message.Message):
         DESCRIPTOR: _descriptor.EnumDescriptor
         MODE_UNSPECIFIED: RefreshIngestionRequest._Mode.ValueType  # 0
         MODE_FULL: RefreshIngestionRequest._Mode.ValueType  # 1
-        """Every file is loaded again; its old rows are replaced."""
+        """Every known file is queued again and loaded by the run the refresh starts."""
         MODE_NEW_ONLY: RefreshIngestionRequest._Mode.ValueType  # 2
-        """Only files never loaded."""
+        """The files' history is kept: only files discovered from now on (new or changed) load."""
 
     class Mode(_Mode, metaclass=_ModeEnumTypeWrapper):
-        """Which files a refresh re-queues."""
+        """What a refresh loads after it empties the table."""
 
     MODE_UNSPECIFIED: RefreshIngestionRequest.Mode.ValueType  # 0
     MODE_FULL: RefreshIngestionRequest.Mode.ValueType  # 1
-    """Every file is loaded again; its old rows are replaced."""
+    """Every known file is queued again and loaded by the run the refresh starts."""
     MODE_NEW_ONLY: RefreshIngestionRequest.Mode.ValueType  # 2
-    """Only files never loaded."""
+    """The files' history is kept: only files discovered from now on (new or changed) load."""
 
     NAME_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
@@ -1130,19 +1130,31 @@ class RefreshIngestionResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     FILES_QUEUED_FIELD_NUMBER: _builtins.int
+    BYTES_QUEUED_FIELD_NUMBER: _builtins.int
+    TABLE_ROWS_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run the refresh started; empty on a dry run."""
     files_queued: _builtins.int
-    """Files that are (or would be) queued."""
+    """Known files that are (or would be) queued again (MODE_NEW_ONLY: none)."""
+    bytes_queued: _builtins.int
+    """Their size."""
+    table_rows: _builtins.int
+    """Rows the table held before the refresh emptied it (on a dry run: holds now)."""
+    table: _builtins.str
+    """The table the refresh empties."""
     def __init__(
         self,
         *,
         run: _builtins.str = ...,
         files_queued: _builtins.int = ...,
+        bytes_queued: _builtins.int = ...,
+        table_rows: _builtins.int = ...,
+        table: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files_queued", b"files_queued", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_queued", b"bytes_queued", "files_queued", b"files_queued", "run", b"run", "table", b"table", "table_rows", b"table_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -243,6 +243,15 @@ class SqlFileRepository:
             query = query.where(FileRow.modified_time < modified_before)
         return list(self._session.scalars(query.order_by(FileRow.id).with_for_update()))
 
+    def totals(self, ingestion_pk: uuid.UUID) -> tuple[int, int]:
+        """How many files the ingestion knows, and their bytes."""
+        row = self._session.execute(
+            select(func.count(), func.coalesce(func.sum(FileRow.size_bytes), 0)).where(
+                FileRow.ingestion_pk == ingestion_pk
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
     def requeue(self, file_ids: Sequence[int], run_pk: uuid.UUID) -> int:
         """Puts the files back to PENDING in run_pk with a fresh attempt budget."""
         if not file_ids:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from pyiceberg import types as T
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError
-from pyiceberg.expressions import BooleanExpression, In, Or
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression, In, Or
 from pyiceberg.io import load_file_io
 from pyiceberg.manifest import ManifestContent, ManifestFile
 from pyiceberg.schema import Schema
@@ -270,6 +270,22 @@ class IcebergTables:
         if location.startswith("file:") or location.startswith("/"):
             shutil.rmtree(urlparse(location).path if location.startswith("file:") else location, ignore_errors=True)
         return True
+
+    def row_count(self, name: str) -> int:
+        table = self.load(name)
+        snapshot = table.current_snapshot() if table is not None else None
+        if snapshot is None or snapshot.summary is None:
+            return 0
+        return int(snapshot.summary.additional_properties.get("total-records", 0))
+
+    def empty(self, name: str, properties: dict[str, str]) -> None:
+        table = self.load(name)
+        if table is None or table.current_snapshot() is None:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Delete operation did not match any records"
+            table.delete(AlwaysTrue(), snapshot_properties=properties)
+        self._remember(name, table)
 
     def discard_files(self, paths: Iterable[str]) -> None:
         """Removes staged data files that will never be committed (a fenced batch, an aborted commit)."""

@@ -65,6 +65,9 @@ class IngestionRow(Base):
     prefect_deployment_id: Mapped[str | None] = mapped_column(Text)
     # Set with state DELETING: the deletion drops the Iceberg table too (the reconciler reads it).
     drop_table_on_delete: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # Set with state REFRESHING: FULL or NEW_ONLY (the reconciler finishes a refresh a crash cut short).
+    refresh_mode: Mapped[str | None] = mapped_column(Text)
+    refresh_run_id: Mapped[str | None] = mapped_column(Text)  # the run it starts, chosen with the intent
     create_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     update_time: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now(), onupdate=func.now())
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from controlplane.adapters.orm import FileRow, IdempotencyRow, IngestionRow
 from controlplane.domain.errors import AlreadyExists
-from controlplane.domain.ingestion import FileCounts, Ingestion, IngestionSpec, IngestionState
+from controlplane.domain.ingestion import FileCounts, Ingestion, IngestionSpec, IngestionState, RefreshMode
 from controlplane.service.ports import IdempotencyRecord
 
 # Unique constraints whose violation is a client's doing, and what to tell it.
@@ -54,6 +54,8 @@ def _to_entity(row: IngestionRow) -> Ingestion:
         next_run_time=row.next_run_time,
         prefect_deployment_id=row.prefect_deployment_id or "",
         drop_table_on_delete=row.drop_table_on_delete,
+        refresh_mode=RefreshMode(row.refresh_mode) if row.refresh_mode else None,
+        refresh_run_id=row.refresh_run_id or "",
         create_time=row.create_time,
         update_time=row.update_time,
     )
@@ -68,6 +70,8 @@ def _copy_to_row(ingestion: Ingestion, row: IngestionRow) -> None:
     row.next_run_time = ingestion.next_run_time
     row.prefect_deployment_id = ingestion.prefect_deployment_id or None
     row.drop_table_on_delete = ingestion.drop_table_on_delete
+    row.refresh_mode = ingestion.refresh_mode.value if ingestion.refresh_mode else None
+    row.refresh_run_id = ingestion.refresh_run_id or None
 
 
 class SqlIngestionRepository:
@@ -124,10 +128,10 @@ class SqlIngestionRepository:
         ).scalars()
         return [f"ingestions/{ingestion_id}" for ingestion_id in rows]
 
-    def next_stale_deletion(self, stale_after: timedelta) -> Ingestion | None:
+    def next_stale(self, state: IngestionState, stale_after: timedelta) -> Ingestion | None:
         row = self._session.scalars(
             select(IngestionRow)
-            .where(IngestionRow.state == IngestionState.DELETING.value)
+            .where(IngestionRow.state == state.value)
             .where(IngestionRow.update_time < func.now() - stale_after)
             .order_by(IngestionRow.update_time)
             .limit(1)

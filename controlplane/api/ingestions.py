@@ -9,13 +9,21 @@ from autoloader.v1 import ingestion_pb2_grpc
 from controlplane.api.context import request_key, tenant_of
 from controlplane.api.convert import ingestion_to_proto, spec_from_proto
 from controlplane.domain.errors import InvalidArgument, Unimplemented
+from controlplane.domain.ingestion import RefreshMode
 from controlplane.domain.names import parse_ingestion_name
 from controlplane.service.ingestions import IngestionService
+from controlplane.service.refreshes import IngestionRefreshes
+
+_MODES = {
+    pb.RefreshIngestionRequest.MODE_FULL: RefreshMode.FULL,
+    pb.RefreshIngestionRequest.MODE_NEW_ONLY: RefreshMode.NEW_ONLY,
+}
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, service: IngestionService) -> None:
+    def __init__(self, service: IngestionService, refreshes: IngestionRefreshes | None = None) -> None:
         self._service = service
+        self._refreshes = refreshes  # None: no catalog (tests of the API alone)
 
     def CreateIngestion(
         self, request: pb.CreateIngestionRequest, context: grpc.ServicerContext
@@ -86,7 +94,19 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
     def RefreshIngestion(
         self, request: pb.RefreshIngestionRequest, context: grpc.ServicerContext
     ) -> pb.RefreshIngestionResponse:
-        raise Unimplemented("RefreshIngestion needs runs and file discovery, which this version does not have yet")
+        mode = _MODES.get(request.mode)
+        if mode is None:
+            raise InvalidArgument.field("mode", "is required: MODE_FULL or MODE_NEW_ONLY")
+        if self._refreshes is None:
+            raise Unimplemented("RefreshIngestion needs an Iceberg catalog, and none is configured")
+        plan = self._refreshes.refresh(
+            tenant_of(context), parse_ingestion_name(request.name), mode, dry_run=request.dry_run,
+            key=None if request.dry_run else request_key(request, request.request_id),
+        )  # fmt: skip
+        return pb.RefreshIngestionResponse(
+            run=plan.run, files_queued=plan.files, bytes_queued=plan.bytes, table_rows=plan.table_rows,
+            table=plan.table,
+        )  # fmt: skip
 
     def PreviewIngestion(
         self, request: pb.PreviewIngestionRequest, context: grpc.ServicerContext

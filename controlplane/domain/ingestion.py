@@ -57,6 +57,11 @@ class IngestionState(StrEnum):
     DELETING = "DELETING"
 
 
+class RefreshMode(StrEnum):
+    FULL = "FULL"  # every known file loads again
+    NEW_ONLY = "NEW_ONLY"  # the history stays: only files discovered from now on load
+
+
 class _Value(BaseModel):
     # Frozen value objects: a spec is replaced, never edited in place.
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -203,6 +208,8 @@ class Ingestion(BaseModel):
     next_run_time: datetime | None = None
     prefect_deployment_id: str = ""
     drop_table_on_delete: bool = False  # with state DELETING: the table goes too
+    refresh_mode: RefreshMode | None = None  # with state REFRESHING
+    refresh_run_id: str = ""  # with state REFRESHING: the run the refresh starts
     create_time: datetime | None = None
     update_time: datetime | None = None
     file_counts: FileCounts = FileCounts()

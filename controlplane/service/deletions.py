@@ -27,12 +27,13 @@ from datetime import timedelta
 from typing import Any
 
 from autoloader.faults import crash_point
-from controlplane.domain.errors import FailedPrecondition, Unavailable, WrongState
+from controlplane.domain.errors import Unavailable, WrongState
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import Ingestion, IngestionState
 from controlplane.service.idempotency import commit_once
 from controlplane.service.lookups import check_etag, require_ingestion
 from controlplane.service.ports import TableStore, UnitOfWork
+from controlplane.service.sagas import finish_stale, replay, require_table_to_itself
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,7 @@ class IngestionDeletions:
 
     def delete_with_table(self, tenant: str, ingestion_id: str, etag: str, key: RequestKey | None) -> None:
         with self._uow_factory() as uow:
-            if (
-                key is not None
-                and (earlier := uow.idempotency.find(tenant, key.request_id))
-                and earlier.response is not None
-            ):
-                # Done before: commit_once replays it (or refuses another request under the same id).
-                commit_once(uow, tenant, METHOD, key, lambda: None, lambda _: {}, lambda _: None)
+            if replay(uow, tenant, METHOD, key, _none)[0]:
                 return
             ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             before = ingestion.state
@@ -86,30 +81,11 @@ class IngestionDeletions:
             ) from error
         crash_point("delete_after_drop")
         with self._uow_factory() as uow:
-            commit_once(
-                uow, tenant, METHOD, key, lambda: self._delete_rows(uow, ingestion), lambda _: {}, lambda _: None
-            )
+            commit_once(uow, tenant, METHOD, key, lambda: self._delete_rows(uow, ingestion), _nothing, _none)
 
     def _check_can_drop(self, uow: UnitOfWork, ingestion: Ingestion, etag: str) -> None:
         check_etag(ingestion, etag)
-        name, table = ingestion.name, ingestion.spec.destination.table
-        run = uow.runs.active(ingestion.id, ingestion.ingestion_id)
-        if run is not None:
-            raise FailedPrecondition(
-                f"{name} has an active run ({run.name}); cancel it before deleting the table",
-                metadata={"ingestion": name, "run": run.name},
-            )
-        if uow.commits.pending_for_ingestion(ingestion.id):
-            raise FailedPrecondition(
-                f"{name} still has data being committed to {table}; retry in a few seconds",
-                metadata={"ingestion": name},
-            )
-        others = uow.ingestions.writing_to(table, excluding=ingestion.id)
-        if others:
-            raise FailedPrecondition(
-                f"{table} is also the destination of {', '.join(others)}; delete without drop_table",
-                metadata={"ingestion": name, "table": table},
-            )
+        require_table_to_itself(uow, ingestion, "delete the table")
 
     def _drop_table(self, ingestion: Ingestion) -> None:
         table = ingestion.spec.destination.table
@@ -137,27 +113,15 @@ class IngestionDeletions:
 
     def reconcile(self) -> int:
         """Finishes deletions a crash left half-way (DELETING for longer than `stale_after`); returns how many."""
-        finished = 0
-        while True:
-            with self._uow_factory() as uow:
-                ingestion = uow.ingestions.next_stale_deletion(self._stale)
-                if ingestion is None:
-                    return finished
-                uow.ingestions.save(ingestion)  # touched: the other replicas leave it to us for a while
-                uow.commit()
-            log.info("finishing the deletion of %s", ingestion.name,
-                     extra={"action": "ingestion.reconcile", "ingestion": ingestion.name})  # fmt: skip
-            try:
-                if ingestion.drop_table_on_delete:
-                    self._drop_table(ingestion)
-            except Exception:
-                log.exception("could not drop the table of %s; will retry", ingestion.name,
-                              extra={"action": "ingestion.reconcile", "ingestion": ingestion.name})  # fmt: skip
-                return finished
-            with self._uow_factory() as uow:
-                self._delete_rows(uow, ingestion)
-                uow.commit()
-            finished += 1
+        return finish_stale(self._uow_factory, IngestionState.DELETING, self._stale, self._finish)
+
+    def _finish(self, ingestion: Ingestion) -> bool:
+        if ingestion.drop_table_on_delete:
+            self._drop_table(ingestion)
+        with self._uow_factory() as uow:
+            self._delete_rows(uow, ingestion)
+            uow.commit()
+        return True
 
 
 def _nothing(_: None) -> dict[str, Any]:

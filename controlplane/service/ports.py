@@ -45,8 +45,8 @@ class IngestionRepository(Protocol):
         """The names of other ingestions (any tenant) whose destination is this table."""
         ...
 
-    def next_stale_deletion(self, stale_after: timedelta) -> Ingestion | None:
-        """One ingestion DELETING for longer than `stale_after`, locked (skipping those others hold)."""
+    def next_stale(self, state: IngestionState, stale_after: timedelta) -> Ingestion | None:
+        """One ingestion in `state` (a saga's) for longer than `stale_after`, locked (skipping those others hold)."""
         ...
 
     def with_file_counts(self, ingestions: Sequence[Ingestion]) -> list[Ingestion]: ...
@@ -131,6 +131,8 @@ class FileRepository(Protocol):
         modified_after: datetime | None,
         modified_before: datetime | None,
     ) -> list[int]: ...
+
+    def totals(self, ingestion_pk: uuid.UUID) -> tuple[int, int]: ...
 
     def requeue(self, file_ids: Sequence[int], run_pk: uuid.UUID) -> int: ...
 
@@ -222,6 +224,14 @@ class TableStore(Protocol):
 
     def drop(self, name: str) -> bool:
         """Drops the table and removes its files; False if it did not exist."""
+        ...
+
+    def row_count(self, name: str) -> int:
+        """The rows the table's current snapshot holds (0 if there is no table)."""
+        ...
+
+    def empty(self, name: str, properties: dict[str, str]) -> None:
+        """Deletes every row (a snapshot carrying `properties`); nothing if there is no table or no row."""
         ...
 
 

@@ -28,7 +28,7 @@ def _load(data: dict[str, Any]) -> Run:
     return Run.model_validate(data)
 
 
-def open_run(uow: UnitOfWork, ingestion: Ingestion, trigger: Trigger, *, discovering: bool) -> Run:
+def open_run(uow: UnitOfWork, ingestion: Ingestion, trigger: Trigger, *, discovering: bool, run_id: str = "") -> Run:
     """Adds a run; RUN_IN_PROGRESS (with the active run's name) if the ingestion has one."""
     active = uow.runs.active(ingestion.id, ingestion.ingestion_id)
     if active is not None:
@@ -39,7 +39,7 @@ def open_run(uow: UnitOfWork, ingestion: Ingestion, trigger: Trigger, *, discove
     run = Run(
         ingestion_pk=ingestion.id,
         ingestion_id=ingestion.ingestion_id,
-        run_id=new_run_id(),
+        run_id=run_id or new_run_id(),
         state=RunState.DISCOVERING if discovering else RunState.RUNNING,
         trigger=trigger,
     )

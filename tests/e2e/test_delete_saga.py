@@ -26,14 +26,25 @@ pytestmark = pytest.mark.e2e
 TABLE = "raw.orders"  # valid_ingestion's destination
 
 
+def saga_plane(database_url: str, workdir: Path) -> ServedPlane:
+    """`serve` whose reconciler takes over a saga silent for a second."""
+    warehouse = (workdir / "warehouse").as_uri()
+    return ServedPlane(workdir / "served", database_url, warehouse, saga_stale_after="1", reconcile_interval="0.3")
+
+
+def assert_crashed(served: ServedPlane, fault: str) -> None:
+    assert served.popen is not None
+    try:
+        assert served.popen.wait(30) == 17, served.log()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"serve did not crash at {fault}:\n{served.log()}") from None
+
+
 @pytest.mark.parametrize("fault", ["delete_after_intent", "delete_after_drop"])
 def test_a_deletion_cut_short_by_a_crash_is_finished_by_the_reconciler(
     fault: str, database_url: str, workdir: Path
 ) -> None:
-    served = ServedPlane(
-        workdir / "served", database_url, (workdir / "warehouse").as_uri(), saga_stale_after="1",
-        reconcile_interval="0.3",
-    )  # fmt: skip
+    served = saga_plane(database_url, workdir)
     try:
         served.start(fault)
         with grpc.insecure_channel(served.address) as channel:
@@ -49,11 +60,7 @@ def test_a_deletion_cut_short_by_a_crash_is_finished_by_the_reconciler(
             with pytest.raises(grpc.RpcError) as caught:
                 stub.DeleteIngestion(pb.DeleteIngestionRequest(name=name, drop_table=True), timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert served.popen is not None
-        try:
-            assert served.popen.wait(30) == 17, served.log()
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"serve did not crash at {fault}:\n{served.log()}") from None
+        assert_crashed(served, fault)
         # Half-way: the intent is recorded, the table gone or not depending on the step.
         assert (served.tables.load(TABLE) is None) == (fault == "delete_after_drop")
 

@@ -159,3 +159,31 @@ def test_unreachable_control_plane_exit_3() -> None:
     result = run_cli("ingestions", "list", address="127.0.0.1:1")
     assert result.code == 3
     assert "cannot reach the control plane at 127.0.0.1:1" in result.stderr
+
+
+def test_refresh_asks_first_and_dry_run_changes_nothing(address: str) -> None:
+    assert run_cli("ingestions", "create", "-f", EXAMPLE, address=address).code == 0
+    dry = run_cli("ingestions", "refresh", "orders", "--dry-run", address=address)
+    assert dry.code == 0, dry.stderr
+    assert "would ingestions/orders: empty" in dry.stdout
+    assert "0 known files" in dry.stdout
+    plan = json.loads(run_cli("-o", "json", "ingestions", "refresh", "orders", "--mode", "new-only", "--dry-run",
+                              address=address).stdout)  # fmt: skip
+    assert plan["table"]
+    assert "run" not in plan
+    runs = json.loads(run_cli("-o", "json", "runs", "list", "orders", address=address).stdout)
+    assert runs.get("runs", []) == []
+
+    # Not a terminal and no --yes: refused, readable, nothing done.
+    unconfirmed = run_cli("ingestions", "refresh", "orders", address=address, stdin="")
+    assert unconfirmed.code == 2
+    assert "--yes" in unconfirmed.stderr
+    assert "Traceback" not in unconfirmed.stderr
+    assert json.loads(run_cli("-o", "json", "runs", "list", "orders", address=address).stdout).get("runs", []) == []
+
+    started = run_cli("ingestions", "refresh", "orders", "--yes", address=address)
+    assert started.code == 0, started.stderr
+    run = started.stdout.strip()
+    assert run.startswith("ingestions/orders/runs/")
+    shown = json.loads(run_cli("-o", "json", "runs", "get", run, address=address).stdout)
+    assert shown["trigger"] == "TRIGGER_REFRESH"

@@ -285,13 +285,9 @@ def test_delete_then_everything_is_not_found(ingestions: Stub) -> None:
     assert again.create_time.ToDatetime() >= created.create_time.ToDatetime()
 
 
-def test_refresh_and_preview_are_unimplemented(ingestions: Stub) -> None:
+def test_refresh_without_a_mode_is_invalid_and_preview_is_unimplemented(ingestions: Stub) -> None:
     created = _create(ingestions)
-    _fails(
-        ingestions.RefreshIngestion,
-        pb.RefreshIngestionRequest(name=created.name, mode=pb.RefreshIngestionRequest.MODE_FULL),
-        grpc.StatusCode.UNIMPLEMENTED,
-    )
+    _invalid(ingestions.RefreshIngestion, pb.RefreshIngestionRequest(name=created.name), "mode")
     _fails(ingestions.PreviewIngestion, pb.PreviewIngestionRequest(name=created.name), grpc.StatusCode.UNIMPLEMENTED)
     assert _get(ingestions) == created
 

@@ -1,4 +1,4 @@
-"""delete ingestion saga: an ingestion being deleted remembers whether its table goes too
+"""sagas on an ingestion: a deletion remembers whether the table goes too, a refresh its mode and run
 
 Revision ID: 0004
 Revises: 0003
@@ -20,7 +20,11 @@ def upgrade() -> None:
     op.add_column(
         "ingestions", sa.Column("drop_table_on_delete", sa.Boolean(), server_default=sa.false(), nullable=False)
     )
+    op.add_column("ingestions", sa.Column("refresh_mode", sa.Text(), nullable=True))
+    op.add_column("ingestions", sa.Column("refresh_run_id", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("ingestions", "refresh_run_id")
+    op.drop_column("ingestions", "refresh_mode")
     op.drop_column("ingestions", "drop_table_on_delete")
