@@ -1,7 +1,7 @@
 """The write path under chaos: agent processes SIGKILLed in turn mid-batch, and a control plane restart.
 
 Three `autoloader agent` processes (each with its own JVM, killed with it through its process
-group) load 1,000 small JSON files in leases of 50. Every few seconds the next agent that holds
+group) load 2,000 small JSON files in leases of 50. Every few seconds the next agent that holds
 a lease is killed and replaced by a new one under a new name; halfway through (in time or in
 files), the control plane stops at once and a new one starts on the same address and database.
 Then the agents are left alone to finish. Whatever was killed mid-read, mid-stage, mid-report or
@@ -47,12 +47,12 @@ make_plane = processes_module.make_plane
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(480)]
 
-FILES = 1000
+FILES = 2000
 FILES_PER_LEASE = 50
 LEASE_TTL = timedelta(seconds=6)
 # How long agents are killed for (the run may end sooner), and the pause between two kills.
 CHAOS_SECONDS = 75.0
-KILL_EVERY = (3.0, 7.0)
+KILL_EVERY = (2.0, 4.0)
 
 
 @pytest.fixture

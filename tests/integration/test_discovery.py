@@ -392,11 +392,12 @@ def test_files_are_visible_while_the_listing_goes_on(
     small_chunk_api: Api, big_tree: BigTree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api = small_chunk_api
-    # Slow each directory read down a little so that a 10,000-file listing spans many watch updates.
+    # Slow each directory read down a little so that a 10,000-file listing spans many watch updates
+    # (at least 0.5 s apart): at 5 ms a fast machine listed the tree within three of them.
     real = storage._local_list_dir
 
     def slow_list_dir(uri: str) -> list[storage.Entry]:
-        time.sleep(0.005)
+        time.sleep(0.015)
         return real(uri)
 
     monkeypatch.setattr(storage, "_local_list_dir", slow_list_dir)
