@@ -189,7 +189,7 @@ class Worker:
                 self._give_up(pending, pending.gone)
                 return outcome
         if outcome.fenced:
-            # The control plane removed the pending files; another agent holds the files now.
+            # The control plane removed the staged files; another agent holds the files now.
             log.warning("%d results were fenced: the lease no longer held their files", outcome.fenced,
                         extra={"action": "agent.fenced", "lease": batch.lease.name})  # fmt: skip
         failed = sum(r.outcome == Outcome.OUTCOME_FAILED for r in outcome.results.values())
@@ -201,7 +201,7 @@ class Worker:
         return outcome
 
     def _give_up(self, pending: PendingReport, gone: LeaseGone) -> None:
-        """No report (or a refused one): the pending files go, and the files back if we still hold them."""
+        """No report (or a refused one): the staged files go, and the files back if we still hold them."""
         self._discard(pending.outcome)
         lease = pending.batch.lease.name
         if self._abandon.is_set() and not pending.heartbeat.lost.is_set():

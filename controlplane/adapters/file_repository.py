@@ -243,11 +243,11 @@ class SqlFileRepository:
             query = query.where(FileRow.modified_time < modified_before)
         return list(self._session.scalars(query.order_by(FileRow.id).with_for_update()))
 
-    def totals(self, ingestion_pk: uuid.UUID) -> tuple[int, int]:
-        """How many files the ingestion knows, and their bytes."""
+    def totals(self, ingestion_pk: uuid.UUID, states: Collection[FileState]) -> tuple[int, int]:
+        """How many of the ingestion's files are in `states`, and their bytes."""
         row = self._session.execute(
             select(func.count(), func.coalesce(func.sum(FileRow.size_bytes), 0)).where(
-                FileRow.ingestion_pk == ingestion_pk
+                FileRow.ingestion_pk == ingestion_pk, FileRow.state.in_([s.value for s in states])
             )
         ).one()
         return int(row[0]), int(row[1])

@@ -27,11 +27,11 @@ from datetime import timedelta
 from typing import Any
 
 from autoloader.faults import crash_point
-from controlplane.domain.errors import Unavailable, WrongState
+from controlplane.domain.errors import Unavailable
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import Ingestion, IngestionState
 from controlplane.service.idempotency import commit_once
-from controlplane.service.lookups import check_etag, require_ingestion
+from controlplane.service.lookups import check_etag, require_ingestion, require_not_deleting
 from controlplane.service.ports import TableStore, UnitOfWork
 from controlplane.service.sagas import finish_stale, replay, require_table_to_itself
 
@@ -67,7 +67,7 @@ class IngestionDeletions:
                 log.info("deleting %s with its table %s", ingestion.name, ingestion.spec.destination.table,
                          extra={"action": "ingestion.deleting", "ingestion": ingestion.name})  # fmt: skip
             elif not ingestion.drop_table_on_delete:
-                raise WrongState(f"{ingestion.name} is being deleted", metadata={"ingestion": ingestion.name})
+                require_not_deleting(ingestion)  # a deletion that keeps the table is not this one to finish
         crash_point("delete_after_intent")
         try:
             self._drop_table(ingestion)

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controlplane.domain.errors import FailedPrecondition, InvalidArgument, WrongState
+from controlplane.domain.errors import FailedPrecondition, InvalidArgument
 from controlplane.domain.idempotency import RequestKey
 from controlplane.domain.ingestion import FormatType, Ingestion, IngestionSpec, IngestionState
 from controlplane.domain.masks import apply_mask
@@ -16,7 +16,7 @@ from controlplane.domain.paging import next_page_token, page_request, parse_stat
 from controlplane.domain.validation import check_ingestion_id, validate_spec
 from controlplane.service.deletions import IngestionDeletions
 from controlplane.service.idempotency import commit_once
-from controlplane.service.lookups import check_etag, require_ingestion
+from controlplane.service.lookups import check_etag, require_ingestion, require_not_deleting
 from controlplane.service.ports import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class IngestionService:
         def work() -> Ingestion:
             ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             check_etag(ingestion, etag)
-            _require_not_deleting(ingestion)
+            require_not_deleting(ingestion)
             merged = apply_mask(
                 ingestion.spec.model_dump(),
                 patch.model_dump(),
@@ -159,7 +159,7 @@ class IngestionService:
         def work() -> None:
             ingestion = require_ingestion(uow, tenant, ingestion_id, for_update=True)
             check_etag(ingestion, etag)
-            _require_not_deleting(ingestion)
+            require_not_deleting(ingestion)
             uow.ingestions.delete(ingestion)
 
         with self._uow_factory() as uow:
@@ -197,11 +197,6 @@ class IngestionService:
             result = outcome.result
             log.info("ingestion %s", result.state.value.lower(), extra={"action": action, "ingestion": result.name})
         return outcome.result
-
-
-def _require_not_deleting(ingestion: Ingestion) -> None:
-    if ingestion.state is IngestionState.DELETING:
-        raise WrongState(f"{ingestion.name} is being deleted", metadata={"ingestion": ingestion.name})
 
 
 def _generated_id(spec: IngestionSpec) -> str:

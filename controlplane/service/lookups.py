@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controlplane.domain.errors import EtagMismatch, NotFound
-from controlplane.domain.ingestion import Ingestion
+from controlplane.domain.errors import EtagMismatch, NotFound, WrongState
+from controlplane.domain.ingestion import Ingestion, IngestionState
 from controlplane.domain.runs import Run
 from controlplane.service.ports import UnitOfWork
 
@@ -30,3 +30,8 @@ def check_etag(ingestion: Ingestion, etag: str) -> None:
             f"{ingestion.name} changed since it was read (etag {etag}, now {ingestion.etag}); read it again",
             metadata={"ingestion": ingestion.name, "etag": ingestion.etag},
         )
+
+
+def require_not_deleting(ingestion: Ingestion) -> None:
+    if ingestion.state is IngestionState.DELETING:
+        raise WrongState(f"{ingestion.name} is being deleted", metadata={"ingestion": ingestion.name})

@@ -89,7 +89,8 @@ class IngestionRefreshes:
                     metadata={"ingestion": ingestion.name, "state": ingestion.state.value},
                 )
             require_table_to_itself(uow, ingestion, "refresh it")
-            files, size = uow.files.totals(ingestion.id) if mode is RefreshMode.FULL else (0, 0)
+            # The files _finish will queue again, counted as it selects them.
+            files, size = uow.files.totals(ingestion.id, KNOWN) if mode is RefreshMode.FULL else (0, 0)
             if dry_run:
                 return RefreshPlan(table, "", files, size, rows)
             ingestion.state = IngestionState.REFRESHING
